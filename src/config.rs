@@ -1,0 +1,843 @@
+//! The job configuration: one TOML file, every key overridable by environment variables
+//! (`DDPO__TRAIN__LR=1e-6` overrides `[train] lr`), validated at start with messages that name the key.
+//!
+//! Invariant: a `Config` returned by [`Config::load`] has passed [`Config::validate`]; code downstream may
+//! rely on the ranges checked there (β > 0, γ ≥ 1, batch sizes dividing, …). File existence is checked
+//! separately by [`Config::check_files`] so configs can be parsed on machines without the data.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Environment variables with this prefix (then `__`-separated keys) override the file.
+pub const ENV_PREFIX: &str = "DDPO";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {} problem(s):\n  - {}", problems.len(), problems.join("\n  - "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+/// The whole job. Sections as in DESIGN.md §4.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub reference: ReferenceConfig,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub ddpo: DdpoConfig,
+    #[serde(default)]
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// bf16 on CUDA, fp32 on CPU.
+    #[default]
+    Auto,
+    Fp32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FreezeTarget {
+    VisionTower,
+    Projector,
+    LanguageModel,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Hugging Face-format LLaVA checkpoint directory (config.json, safetensors, tokenizer.json, …).
+    pub path: PathBuf,
+    #[serde(default)]
+    pub dtype: Dtype,
+    #[serde(default)]
+    pub freeze: Vec<FreezeTarget>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferenceMode {
+    /// Reference log-probs computed once up front and cached (training runs one model).
+    #[default]
+    Cached,
+    /// Reference forward every step, no cache.
+    Online,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceConfig {
+    /// Reference model directory; default: `model.path`.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub mode: ReferenceMode,
+    /// Where the log-prob cache lives; default: `<train.output_dir>/reference-cache`.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadRow {
+    /// Report the row (shard, row number, reason), count it, go on.
+    #[default]
+    Skip,
+    /// Stop the job with that message.
+    Fail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Training shards: paths or globs.
+    pub train: Vec<String>,
+    /// Held-out shards: paths or globs.
+    #[serde(default)]
+    pub eval: Vec<String>,
+    /// Maximum tokens of one prompt + response sequence (visual tokens included).
+    #[serde(default = "defaults::max_length")]
+    pub max_length: usize,
+    /// Chat template name, see `data::template`.
+    #[serde(default = "defaults::template")]
+    pub template: String,
+    #[serde(default)]
+    pub on_bad_row: OnBadRow,
+    /// Pad images to a square with the mean colour before the CLIP processor, as LLaVA-1.5 trains.
+    #[serde(default = "defaults::yes")]
+    pub pad_to_square: bool,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Score {
+    /// Σ w·ℓ / Σ w — the paper's Eq. 5.
+    #[default]
+    Mean,
+    /// Σ w·ℓ — what the released scripts ran.
+    Sum,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LossKind {
+    #[default]
+    Sigmoid,
+    Ipo,
+    Hinge,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DdpoConfig {
+    #[serde(default = "defaults::beta")]
+    pub beta: f64,
+    #[serde(default = "defaults::gamma")]
+    pub gamma: f64,
+    #[serde(default)]
+    pub score: Score,
+    #[serde(default)]
+    pub loss: LossKind,
+    #[serde(default)]
+    pub sft_weight: f64,
+    #[serde(default = "defaults::min_match")]
+    pub min_match: usize,
+}
+
+impl Default for DdpoConfig {
+    fn default() -> Self {
+        Self {
+            beta: defaults::beta(),
+            gamma: defaults::gamma(),
+            score: Score::Mean,
+            loss: LossKind::Sigmoid,
+            sft_weight: 0.0,
+            min_match: defaults::min_match(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    #[default]
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    #[serde(default = "defaults::epochs")]
+    pub epochs: usize,
+    /// Global pairs per optimizer step, whatever the world size.
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    /// Pairs per forward on one rank.
+    #[serde(default = "defaults::micro_batch_size")]
+    pub micro_batch_size: usize,
+    #[serde(default = "defaults::lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "defaults::warmup_ratio")]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Gradient clipping by global norm; 0 turns it off.
+    #[serde(default = "defaults::max_grad_norm")]
+    pub max_grad_norm: f64,
+    #[serde(default = "defaults::seed")]
+    pub seed: u64,
+    #[serde(default = "defaults::output_dir")]
+    pub output_dir: PathBuf,
+    /// Optimizer steps between checkpoints; 0 = only at the end.
+    #[serde(default)]
+    pub save_every: usize,
+    #[serde(default = "defaults::keep_last")]
+    pub keep_last: usize,
+    /// Optimizer steps between evaluations; 0 = only at the end of each epoch.
+    #[serde(default)]
+    pub eval_every: usize,
+    #[serde(default = "defaults::log_every")]
+    pub log_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: defaults::epochs(),
+            batch_size: defaults::batch_size(),
+            micro_batch_size: defaults::micro_batch_size(),
+            lr: defaults::lr(),
+            weight_decay: 0.0,
+            warmup_ratio: defaults::warmup_ratio(),
+            schedule: Schedule::Cosine,
+            max_grad_norm: defaults::max_grad_norm(),
+            seed: defaults::seed(),
+            output_dir: defaults::output_dir(),
+            save_every: 0,
+            keep_last: defaults::keep_last(),
+            eval_every: 0,
+            log_every: defaults::log_every(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// NCCL on CUDA devices, the TCP ring on CPU.
+    #[default]
+    Auto,
+    Nccl,
+    Ring,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    #[serde(default = "defaults::world_size")]
+    pub world_size: usize,
+    #[serde(default)]
+    pub backend: Backend,
+    /// Coordinator listen address.
+    #[serde(default = "defaults::listen")]
+    pub listen: String,
+    #[serde(default = "defaults::heartbeat_secs")]
+    pub heartbeat_secs: u64,
+    #[serde(default = "defaults::heartbeat_timeout_secs")]
+    pub heartbeat_timeout_secs: u64,
+    #[serde(default = "defaults::collective_timeout_secs")]
+    pub collective_timeout_secs: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            world_size: defaults::world_size(),
+            backend: Backend::Auto,
+            listen: defaults::listen(),
+            heartbeat_secs: defaults::heartbeat_secs(),
+            heartbeat_timeout_secs: defaults::heartbeat_timeout_secs(),
+            collective_timeout_secs: defaults::collective_timeout_secs(),
+        }
+    }
+}
+
+/// Defaults: the paper's values (β 0.5, γ 5, mean score, lr 5e-7, batch 32, 7 epochs, 10 % warm-up).
+mod defaults {
+    use std::path::PathBuf;
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn max_length() -> usize {
+        2048
+    }
+    pub fn template() -> String {
+        "llava_v1".into()
+    }
+    pub fn beta() -> f64 {
+        0.5
+    }
+    pub fn gamma() -> f64 {
+        5.0
+    }
+    pub fn min_match() -> usize {
+        3
+    }
+    pub fn epochs() -> usize {
+        7
+    }
+    pub fn batch_size() -> usize {
+        32
+    }
+    pub fn micro_batch_size() -> usize {
+        1
+    }
+    pub fn lr() -> f64 {
+        5e-7
+    }
+    pub fn warmup_ratio() -> f64 {
+        0.1
+    }
+    pub fn max_grad_norm() -> f64 {
+        1.0
+    }
+    pub fn seed() -> u64 {
+        42
+    }
+    pub fn output_dir() -> PathBuf {
+        PathBuf::from("runs/ddpo")
+    }
+    pub fn keep_last() -> usize {
+        2
+    }
+    pub fn log_every() -> usize {
+        1
+    }
+    pub fn world_size() -> usize {
+        1
+    }
+    pub fn listen() -> String {
+        "0.0.0.0:50051".into()
+    }
+    pub fn heartbeat_secs() -> u64 {
+        5
+    }
+    pub fn heartbeat_timeout_secs() -> u64 {
+        30
+    }
+    pub fn collective_timeout_secs() -> u64 {
+        300
+    }
+}
+
+/// Keys whose environment values are comma-separated lists.
+const LIST_KEYS: &[&str] = &["data.train", "data.eval", "model.freeze"];
+
+impl Config {
+    /// Reads `path`, applies `DDPO__SECTION__KEY` environment overrides, checks for unknown keys and types,
+    /// then validates ranges. Every problem found is reported at once, each naming its key.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, &vars)
+    }
+
+    /// [`Config::load`] with an explicit environment (tests pass their own).
+    pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml_str(&text, path, env)
+    }
+
+    /// Parses TOML text; `origin` names it in messages.
+    pub fn from_toml_str(
+        text: &str,
+        origin: &Path,
+        env: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
+        let parse_err = |message: String| ConfigError::Parse {
+            path: origin.to_owned(),
+            message,
+        };
+        let source = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .list_separator(",")
+            .source(Some(env.iter().cloned().collect()));
+        let source = LIST_KEYS
+            .iter()
+            .fold(source, |s, k| s.with_list_parse_key(k));
+        let built = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .add_source(source)
+            .build()
+            .map_err(|e| parse_err(e.to_string()))?;
+
+        // Unknown keys first: a typo is the most common mistake and serde's message does not say where.
+        let raw: serde_json::Value = built
+            .clone()
+            .try_deserialize()
+            .map_err(|e| parse_err(e.to_string()))?;
+        let mut problems = Vec::new();
+        unknown_keys(&raw, &known_keys(), "", &mut problems);
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: origin.to_owned(),
+                problems,
+            });
+        }
+        let cfg: Config = built.try_deserialize().map_err(|e| {
+            let msg = e.to_string();
+            // config's messages say "for key `x.y`"; a missing section is the other common case.
+            parse_err(msg.replace("missing field", "missing required key"))
+        })?;
+        let problems = cfg.validate();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(ConfigError::Invalid {
+                path: origin.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Range and consistency checks; each message names the key.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let mut check = |ok: bool, msg: String| {
+            if !ok {
+                p.push(msg);
+            }
+        };
+        let d = &self.ddpo;
+        check(
+            d.beta.is_finite() && d.beta > 0.0,
+            format!("ddpo.beta = {}: must be > 0", d.beta),
+        );
+        check(
+            d.gamma.is_finite() && d.gamma >= 1.0,
+            format!(
+                "ddpo.gamma = {}: must be >= 1 (changed tokens weigh at least as much as the rest)",
+                d.gamma
+            ),
+        );
+        check(
+            d.sft_weight.is_finite() && d.sft_weight >= 0.0,
+            format!("ddpo.sft_weight = {}: must be >= 0", d.sft_weight),
+        );
+        check(
+            d.min_match >= 1,
+            "ddpo.min_match = 0: must be >= 1".to_string(),
+        );
+        let t = &self.train;
+        check(t.epochs >= 1, "train.epochs = 0: must be >= 1".into());
+        check(
+            t.batch_size >= 1,
+            "train.batch_size = 0: must be >= 1".into(),
+        );
+        check(
+            t.micro_batch_size >= 1,
+            "train.micro_batch_size = 0: must be >= 1".into(),
+        );
+        check(
+            t.lr.is_finite() && t.lr > 0.0,
+            format!("train.lr = {}: must be > 0", t.lr),
+        );
+        check(
+            t.weight_decay.is_finite() && t.weight_decay >= 0.0,
+            format!("train.weight_decay = {}: must be >= 0", t.weight_decay),
+        );
+        check(
+            (0.0..1.0).contains(&t.warmup_ratio),
+            format!("train.warmup_ratio = {}: must be in [0, 1)", t.warmup_ratio),
+        );
+        check(
+            t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0,
+            format!(
+                "train.max_grad_norm = {}: must be >= 0 (0 turns clipping off)",
+                t.max_grad_norm
+            ),
+        );
+        check(t.log_every >= 1, "train.log_every = 0: must be >= 1".into());
+        check(
+            t.keep_last >= 1,
+            "train.keep_last = 0: must be >= 1 (resume needs a checkpoint)".into(),
+        );
+        let c = &self.cluster;
+        check(
+            c.world_size >= 1,
+            "cluster.world_size = 0: must be >= 1".into(),
+        );
+        if t.micro_batch_size >= 1 && c.world_size >= 1 && t.batch_size >= 1 {
+            let per_step = t.micro_batch_size * c.world_size;
+            check(
+                t.batch_size % per_step == 0,
+                format!(
+                    "train.batch_size = {} must be a multiple of train.micro_batch_size ({}) x cluster.world_size ({}) = {per_step}; \
+                     e.g. batch_size = {} gives {} accumulation step(s)",
+                    t.batch_size,
+                    t.micro_batch_size,
+                    c.world_size,
+                    per_step * (t.batch_size / per_step).max(1),
+                    (t.batch_size / per_step).max(1)
+                ),
+            );
+        }
+        check(
+            c.heartbeat_secs >= 1,
+            "cluster.heartbeat_secs = 0: must be >= 1".into(),
+        );
+        check(
+            c.heartbeat_timeout_secs > c.heartbeat_secs,
+            format!(
+                "cluster.heartbeat_timeout_secs = {} must exceed cluster.heartbeat_secs = {}",
+                c.heartbeat_timeout_secs, c.heartbeat_secs
+            ),
+        );
+        check(
+            c.collective_timeout_secs >= 1,
+            "cluster.collective_timeout_secs = 0: must be >= 1".into(),
+        );
+        check(
+            c.listen.parse::<std::net::SocketAddr>().is_ok(),
+            format!(
+                "cluster.listen = {:?}: not a socket address like 0.0.0.0:50051",
+                c.listen
+            ),
+        );
+        let dc = &self.data;
+        check(
+            !dc.train.is_empty(),
+            "data.train is empty: list at least one parquet path or glob".into(),
+        );
+        check(
+            dc.max_length >= 8,
+            format!("data.max_length = {}: must be >= 8", dc.max_length),
+        );
+        check(
+            crate::data::template::Template::from_name(&dc.template).is_some(),
+            format!(
+                "data.template = {:?}: unknown; known: {}",
+                dc.template,
+                crate::data::template::Template::NAMES.join(", ")
+            ),
+        );
+        check(
+            !self.model.path.as_os_str().is_empty(),
+            "model.path is empty".into(),
+        );
+        p
+    }
+
+    /// Checks that the files the job needs exist: the model directory and at least one shard per data pattern.
+    pub fn check_files(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if !self.model.path.is_dir() {
+            p.push(format!(
+                "model.path = {}: no such directory",
+                self.model.path.display()
+            ));
+        }
+        if let Some(r) = &self.reference.path {
+            if !r.is_dir() {
+                p.push(format!(
+                    "reference.path = {}: no such directory",
+                    r.display()
+                ));
+            }
+        }
+        for (key, pats) in [
+            ("data.train", &self.data.train),
+            ("data.eval", &self.data.eval),
+        ] {
+            for pat in pats.iter() {
+                if let Err(e) = crate::data::shards::discover(std::slice::from_ref(pat)) {
+                    p.push(format!("{key}: {e}"));
+                }
+            }
+        }
+        p
+    }
+
+    /// The reference model directory (defaults to the policy's).
+    pub fn reference_path(&self) -> &Path {
+        self.reference.path.as_deref().unwrap_or(&self.model.path)
+    }
+
+    /// The reference log-prob cache root.
+    pub fn reference_cache_dir(&self) -> PathBuf {
+        self.reference
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| self.train.output_dir.join("reference-cache"))
+    }
+
+    /// Micro-batches each rank accumulates per optimizer step.
+    pub fn accumulation_steps(&self) -> usize {
+        self.train.batch_size / (self.train.micro_batch_size * self.cluster.world_size)
+    }
+}
+
+/// The full key tree, from a default config serialised (so new fields are known automatically).
+fn known_keys() -> serde_json::Value {
+    let example = Config {
+        model: ModelConfig {
+            path: PathBuf::new(),
+            dtype: Dtype::Auto,
+            freeze: vec![],
+        },
+        reference: ReferenceConfig::default(),
+        data: DataConfig {
+            train: vec![],
+            eval: vec![],
+            max_length: 0,
+            template: String::new(),
+            on_bad_row: OnBadRow::Skip,
+            pad_to_square: true,
+        },
+        ddpo: DdpoConfig::default(),
+        train: TrainConfig::default(),
+        cluster: ClusterConfig::default(),
+    };
+    serde_json::to_value(example).expect("config serialises")
+}
+
+fn unknown_keys(
+    raw: &serde_json::Value,
+    known: &serde_json::Value,
+    prefix: &str,
+    out: &mut Vec<String>,
+) {
+    let (Some(raw), Some(known)) = (raw.as_object(), known.as_object()) else {
+        return;
+    };
+    for (k, v) in raw {
+        let full = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match known.get(k) {
+            Some(kv) if kv.is_object() => unknown_keys(v, kv, &full, out),
+            Some(_) => {}
+            None => {
+                let hint = known
+                    .keys()
+                    .map(|c| (edit_distance(c, k), c))
+                    .filter(|(d, _)| *d <= 3)
+                    .min()
+                    .map(|(_, c)| format!(" (did you mean `{c}`?)"))
+                    .unwrap_or_default();
+                let valid: Vec<&str> = known.keys().map(|s| s.as_str()).collect();
+                out.push(format!(
+                    "unknown key `{full}`{hint}; valid keys here: {}",
+                    valid.join(", ")
+                ));
+            }
+        }
+    }
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[model]
+path = "m"
+[data]
+train = ["d/*.parquet"]
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml_str(text, Path::new("job.toml"), &[])
+    }
+
+    fn parse_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_toml_str(text, Path::new("job.toml"), &env)
+    }
+
+    #[test]
+    fn minimal_config_gets_paper_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.ddpo.beta, 0.5);
+        assert_eq!(c.ddpo.gamma, 5.0);
+        assert_eq!(c.ddpo.score, Score::Mean);
+        assert_eq!(c.train.lr, 5e-7);
+        assert_eq!(c.train.batch_size, 32);
+        assert_eq!(c.train.warmup_ratio, 0.1);
+        assert_eq!(c.ddpo.min_match, 3);
+        assert_eq!(c.reference_path(), Path::new("m"));
+        assert_eq!(c.accumulation_steps(), 32);
+    }
+
+    #[test]
+    fn env_overrides_file_values_and_types() {
+        let c = parse_env(
+            MINIMAL,
+            &[
+                ("DDPO__TRAIN__LR", "1e-6"),
+                ("DDPO__DDPO__SCORE", "sum"),
+                ("DDPO__DATA__TRAIN", "a.parquet,b.parquet"),
+                ("DDPO__CLUSTER__WORLD_SIZE", "4"),
+                ("DDPO_VENV", "/not/a/config/key"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.train.lr, 1e-6);
+        assert_eq!(c.ddpo.score, Score::Sum);
+        assert_eq!(c.data.train, vec!["a.parquet", "b.parquet"]);
+        assert_eq!(c.cluster.world_size, 4);
+    }
+
+    #[test]
+    fn typo_is_named_with_a_hint() {
+        let e = parse(&format!("{MINIMAL}\n[train]\nlrr = 1e-6\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown key `train.lrr`"), "{e}");
+        assert!(e.contains("did you mean `lr`"), "{e}");
+        let e = parse(&format!("{MINIMAL}\n[trian]\nlr = 1e-6\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown key `trian`"), "{e}");
+        assert!(e.contains("did you mean `train`"), "{e}");
+        let e = parse_env(MINIMAL, &[("DDPO__DDPO__BETTA", "0.3")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown key `ddpo.betta`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let e = parse(&format!("{MINIMAL}\n[ddpo]\nbeta = \"high\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ddpo.beta"), "{e}");
+        let e = parse(&format!("{MINIMAL}\n[ddpo]\nscore = \"median\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("median") && e.contains("ddpo.score"), "{e}");
+    }
+
+    #[test]
+    fn missing_required_section_is_named() {
+        let e = parse("[model]\npath = \"m\"\n").unwrap_err().to_string();
+        assert!(e.contains("data"), "{e}");
+    }
+
+    #[test]
+    fn ranges_are_checked_all_at_once() {
+        let e = parse(&format!(
+            "{MINIMAL}\n[ddpo]\nbeta = 0.0\ngamma = 0.5\n[train]\nbatch_size = 10\nmicro_batch_size = 4\n"
+        ))
+        .unwrap_err();
+        let ConfigError::Invalid { problems, .. } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        let all = e.to_string();
+        assert!(all.contains("ddpo.beta = 0: must be > 0"), "{all}");
+        assert!(all.contains("ddpo.gamma = 0.5"), "{all}");
+        assert!(
+            all.contains("train.batch_size = 10 must be a multiple"),
+            "{all}"
+        );
+    }
+
+    #[test]
+    fn unknown_template_and_bad_listen() {
+        let e = parse(&format!("{MINIMAL}\n[cluster]\nlisten = \"nope\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cluster.listen"), "{e}");
+        let e = parse("[model]\npath = \"m\"\n[data]\ntrain = [\"x\"]\ntemplate = \"vicuna9\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.template") && e.contains("llava_v1"), "{e}");
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e == "toml") {
+                Config::load_with_env(&p, &[]).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(
+            n >= 3,
+            "expected the demo, paper and released presets in configs/"
+        );
+        let paper = Config::load_with_env(&dir.join("paper.toml"), &[]).unwrap();
+        assert_eq!(
+            (paper.ddpo.beta, paper.ddpo.gamma, paper.ddpo.score),
+            (0.5, 5.0, Score::Mean)
+        );
+        let rel = Config::load_with_env(&dir.join("rlhf-v-released.toml"), &[]).unwrap();
+        assert_eq!(
+            (rel.ddpo.beta, rel.ddpo.gamma, rel.ddpo.score),
+            (0.1, 1.1, Score::Sum)
+        );
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let c = parse(MINIMAL).unwrap();
+        let p = c.check_files();
+        assert!(p.iter().any(|m| m.contains("model.path = m")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|m| m.contains("data.train") && m.contains("d/*.parquet")),
+            "{p:?}"
+        );
+    }
+}

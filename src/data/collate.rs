@@ -1,0 +1,152 @@
+//! Collation of examples into padded tensors, in the layout the RLHF-V code uses: one sequence per
+//! response, `[chosen_0 … chosen_{B-1}; rejected_0 … rejected_{B-1}]`, each `prompt ++ response`, padded
+//! on the right.
+//!
+//! Invariants (for a batch of B pairs, longest sequence T):
+//! - `input_ids`, `attention_mask`, `labels`, `changed` are `[2B, T]`; `pixel_values` is `[B, 3, H, W]` and
+//!   row i and row B+i share image i.
+//! - `labels[r, t]` is the token id at t where t is a response position, else −100 (Hugging Face's ignore
+//!   index); the log-prob of the token at t comes from the logits at t − 1, so position 0 is never a label.
+//! - `changed[r, t]` is 1.0 exactly where t is a response token inside a changed segment; token weight is
+//!   then `1 + (γ − 1)·changed` on label positions, so γ can change without re-collating.
+
+use tch::{Kind, Tensor};
+
+use super::pipeline::Example;
+
+/// Hugging Face's ignore index.
+pub const IGNORE: i64 = -100;
+
+#[derive(Debug)]
+pub struct Batch {
+    pub input_ids: Tensor,
+    pub attention_mask: Tensor,
+    pub labels: Tensor,
+    pub changed: Tensor,
+    pub pixel_values: Tensor,
+    /// Pairs in the batch (B).
+    pub pairs: usize,
+    /// Response tokens over the whole batch (both sides), for tokens/s.
+    pub response_tokens: usize,
+}
+
+/// Collates `examples` (all with the same image size `(h, w)`) padding with `pad_id`.
+pub fn collate(examples: &[Example], pad_id: u32, image_hw: (usize, usize)) -> Batch {
+    let b = examples.len();
+    let seqs: Vec<(&[u32], &[u32], &[bool])> = examples
+        .iter()
+        .map(|e| (&e.prompt_ids[..], &e.chosen_ids[..], &e.chosen_changed[..]))
+        .chain(examples.iter().map(|e| {
+            (
+                &e.prompt_ids[..],
+                &e.rejected_ids[..],
+                &e.rejected_changed[..],
+            )
+        }))
+        .collect();
+    let t = seqs
+        .iter()
+        .map(|(p, r, _)| p.len() + r.len())
+        .max()
+        .unwrap_or(0);
+    let rows = seqs.len();
+    let mut ids = vec![pad_id as i64; rows * t];
+    let mut mask = vec![0i64; rows * t];
+    let mut labels = vec![IGNORE; rows * t];
+    let mut changed = vec![0f32; rows * t];
+    let mut response_tokens = 0;
+    for (r, (prompt, resp, ch)) in seqs.iter().enumerate() {
+        let base = r * t;
+        for (i, &id) in prompt.iter().chain(resp.iter()).enumerate() {
+            ids[base + i] = id as i64;
+            mask[base + i] = 1;
+        }
+        let start = base + prompt.len();
+        for (i, (&id, &c)) in resp.iter().zip(ch.iter()).enumerate() {
+            labels[start + i] = id as i64;
+            changed[start + i] = if c { 1.0 } else { 0.0 };
+        }
+        response_tokens += resp.len();
+    }
+    let (h, w) = image_hw;
+    let mut pixels = Vec::with_capacity(b * 3 * h * w);
+    for e in examples {
+        assert_eq!(
+            e.pixel_values.len(),
+            3 * h * w,
+            "example {} has a differently sized image",
+            e.id
+        );
+        pixels.extend_from_slice(&e.pixel_values);
+    }
+    let shape = [rows as i64, t as i64];
+    Batch {
+        input_ids: Tensor::from_slice(&ids).view(shape),
+        attention_mask: Tensor::from_slice(&mask).view(shape),
+        labels: Tensor::from_slice(&labels).view(shape),
+        changed: Tensor::from_slice(&changed).view(shape),
+        pixel_values: Tensor::from_slice(&pixels).view([b as i64, 3, h as i64, w as i64]),
+        pairs: b,
+        response_tokens,
+    }
+}
+
+impl Batch {
+    /// Per-token DDPO weights on label positions (0 elsewhere): 1 outside changed segments, γ inside.
+    pub fn weights(&self, gamma: f64) -> Tensor {
+        let on_label = self.labels.ne(IGNORE).to_kind(Kind::Float);
+        (&self.changed * (gamma - 1.0) + 1.0) * on_label
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(id: &str, prompt: &[u32], c: &[u32], r: &[u32], cc: &[bool], rc: &[bool]) -> Example {
+        Example {
+            shard: 0,
+            row: 0,
+            id: id.into(),
+            pixel_values: vec![id.len() as f32; 3 * 2 * 2],
+            prompt_ids: prompt.to_vec(),
+            chosen_ids: c.to_vec(),
+            rejected_ids: r.to_vec(),
+            chosen_changed: cc.to_vec(),
+            rejected_changed: rc.to_vec(),
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn layout_labels_and_weights() {
+        let a = ex(
+            "a",
+            &[1, 9],
+            &[5, 6, 2],
+            &[5, 7, 2],
+            &[false, true, false],
+            &[false, true, false],
+        );
+        let b = ex(
+            "bb",
+            &[1, 9, 9],
+            &[4, 2],
+            &[4, 4, 4, 2],
+            &[false, false],
+            &[false, false, false, false],
+        );
+        let batch = collate(&[a, b], 0, (2, 2));
+        assert_eq!(batch.input_ids.size(), [4, 7]);
+        let row = |t: &Tensor, r: i64| Vec::<i64>::try_from(t.get(r)).unwrap();
+        assert_eq!(row(&batch.input_ids, 0), [1, 9, 5, 6, 2, 0, 0]); // chosen a
+        assert_eq!(row(&batch.input_ids, 1), [1, 9, 9, 4, 2, 0, 0]); // chosen b
+        assert_eq!(row(&batch.input_ids, 3), [1, 9, 9, 4, 4, 4, 2]); // rejected b
+        assert_eq!(row(&batch.labels, 2), [-100, -100, 5, 7, 2, -100, -100]);
+        assert_eq!(row(&batch.attention_mask, 1), [1, 1, 1, 1, 1, 0, 0]);
+        let w = Vec::<f32>::try_from(batch.weights(5.0).get(2)).unwrap();
+        assert_eq!(w, [0.0, 0.0, 1.0, 5.0, 1.0, 0.0, 0.0]);
+        assert_eq!(batch.pixel_values.size(), [2, 3, 2, 2]);
+        assert_eq!(batch.response_tokens, 3 + 2 + 3 + 4);
+    }
+}

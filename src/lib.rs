@@ -1,0 +1,9 @@
+//! ddpo: distributed Dense Direct Preference Optimization (RLHF-V) for LLaVA-style multimodal LLMs.
+//!
+//! See ARCHITECTURE.md for the code map and the invariants each module keeps.
+
+pub mod config;
+pub mod data;
+pub mod logging;
+pub mod model;
+pub mod rpc;
