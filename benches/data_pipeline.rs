@@ -22,7 +22,7 @@ fn main() {
         .unwrap_or(448);
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
-    write_model_files(&model, "small", 0).unwrap();
+    write_model_files(&model, "small").unwrap();
     let data = dir.path().join("data");
     let report = write_synthetic(&SynthOptions {
         out_dir: data.clone(),

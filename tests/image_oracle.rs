@@ -155,7 +155,11 @@ fn random_image(rng: &mut Rng, w: u32, h: u32) -> RgbImage {
     RgbImage::from_fn(w, h, |x, y| {
         let mut r = Rng(seed ^ (u64::from(y) << 32 | u64::from(x)));
         let noise = r.next();
-        let checker = if (x / cell + y / cell) % 2 == 0 { 255 } else { 0 };
+        let checker = if (x / cell + y / cell) % 2 == 0 {
+            255
+        } else {
+            0
+        };
         match (x * 4 / w.max(1), y * 3 / h.max(1)) {
             (0, _) | (_, 0) => image::Rgb([noise as u8, (noise >> 8) as u8, (noise >> 16) as u8]),
             (1, _) => image::Rgb([(x * 255 / w) as u8, (y * 255 / h) as u8, checker]),
@@ -175,8 +179,21 @@ fn random_sizes_match_transformers_live() {
     let mut cases = Vec::new();
     let mut procs = Vec::new();
     // Realistic photo sizes first (the training path: ~500 px JPEG-sized images to 336), then random ones.
-    let mut sizes = vec![(500, 375), (640, 427), (375, 500), (336, 336), (1024, 683), (337, 335)];
-    while sizes.len() < 48 {
+    let mut sizes = vec![
+        (500, 375),
+        (640, 427),
+        (375, 500),
+        (336, 336),
+        (1024, 683),
+        (337, 335),
+    ];
+    // DDPO_IMAGE_SWEEP_CASES=1000 runs a longer sweep.
+    let n_cases: usize = std::env::var("DDPO_IMAGE_SWEEP_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48)
+        .max(sizes.len());
+    while sizes.len() < n_cases {
         let w = rng.range(2, 700);
         let h = rng.range(2, 700);
         // transformers reads an HxWx3 array whose height is 1 or 3 as channels-first; no real image is that

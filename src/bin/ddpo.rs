@@ -50,7 +50,8 @@ enum Cmd {
         #[arg(long, default_value = "train")]
         prefix: String,
     },
-    /// Write a model directory of a built-in shape: config.json, tokenizer and image-processor files.
+    /// Write a random-initialised model directory of a built-in shape: weights (llava-hf layout),
+    /// config.json, tokenizer and image-processor files.
     InitModel {
         #[arg(long)]
         out: PathBuf,
@@ -118,7 +119,7 @@ fn cmd_synth(opts: synth::SynthOptions) -> Result<ExitCode> {
 }
 
 fn cmd_init_model(out: &Path, name: &str, seed: u64) -> Result<ExitCode> {
-    let written = preset::write_model_files(out, name, seed)?;
+    let written = preset::init_model(out, name, seed)?;
     println!(
         "wrote {} preset files to {}: {}",
         name,

@@ -299,7 +299,7 @@ impl ImageProcessorConfig {
         }
         if let Some(v) = get("image_std") {
             c.image_std = parse_channels("image_std", v)?;
-            if c.image_std.iter().any(|&s| s == 0.0) {
+            if c.image_std.contains(&0.0) {
                 return Err(format!("`image_std` must not contain 0, found {v}"));
             }
         }

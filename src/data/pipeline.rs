@@ -80,7 +80,12 @@ impl Preprocessor {
         let pcfg = ImageProcessorConfig::from_file(&dir.join("preprocessor_config.json"))
             .map_err(|e| model_err(e.to_string()))?;
         let image = ImageProcessor::new(pcfg, pad_to_square);
-        let (h, w) = image.output_size();
+        let (h, w) = image.fixed_output_size().ok_or_else(|| {
+            model_err(
+                "preprocessor_config.json does not centre-crop to a fixed size; the vision tower needs one"
+                    .into(),
+            )
+        })?;
         let vs = mcfg.vision_config.image_size;
         if (h, w) != (vs, vs) {
             return Err(model_err(format!(

@@ -1,6 +1,6 @@
 //! Built-in model shapes for demos, tests and benchmarks (`ddpo init-model`): the Hugging Face files of a
 //! model directory — config.json, tokenizer (LLaMA-style, covering the synthetic corpus), image-processor
-//! config. Random weights are written by the model code (issue: LLaVA model in tch).
+//! config — and random-initialised weights.
 //!
 //! Invariant: the config's `image_token_index` is the tokenizer's `<image>` id, and `vocab_size` covers
 //! every tokenizer id (padded to a multiple of 64, as llava-hf pads 32000 + 2 to 32064).
@@ -8,6 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use super::config::LlavaConfig;
+use super::llava::Llava;
+use super::weights;
 use crate::data::image::ImageProcessorConfig;
 use crate::data::synth;
 use crate::data::tokenizer::{llama_style_tokenizer_json, tokenizer_config_json, IMAGE};
@@ -16,6 +18,8 @@ use crate::data::tokenizer::{llama_style_tokenizer_json, tokenizer_config_json, 
 pub enum PresetError {
     #[error("unknown preset {0:?}; known: tiny, small")]
     Unknown(String),
+    #[error("{0}")]
+    Model(String),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -38,14 +42,9 @@ pub fn preset_config(name: &str) -> Result<(LlavaConfig, serde_json::Value), Pre
     Ok((cfg, tok))
 }
 
-/// Writes the model directory's non-weight files; returns their names.
-pub fn write_model_files(out: &Path, name: &str, _seed: u64) -> Result<Vec<String>, PresetError> {
+/// The non-weight files of a preset's model directory: (file name, contents).
+fn model_files(name: &str) -> Result<(LlavaConfig, Vec<(&'static str, Vec<u8>)>), PresetError> {
     let (cfg, tok) = preset_config(name)?;
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| PresetError::Io { path, source }
-    };
-    std::fs::create_dir_all(out).map_err(io(out))?;
     let (tok_cfg, special) = tokenizer_config_json(cfg.text_config.max_position_embeddings);
     let processor = ImageProcessorConfig::clip(cfg.vision_config.image_size as u32).to_json();
     let files = [
@@ -55,11 +54,39 @@ pub fn write_model_files(out: &Path, name: &str, _seed: u64) -> Result<Vec<Strin
         ("special_tokens_map.json", special),
         ("preprocessor_config.json", processor),
     ];
+    let files = files
+        .into_iter()
+        .map(|(f, v)| (f, serde_json::to_vec_pretty(&v).expect("json")))
+        .collect();
+    Ok((cfg, files))
+}
+
+/// A random-initialised model directory of a preset (seeded): weights in the llava-hf layout plus config,
+/// tokenizer and processor files, written atomically. Returns the file names.
+pub fn init_model(out: &Path, name: &str, seed: u64) -> Result<Vec<String>, PresetError> {
+    let (cfg, files) = model_files(name)?;
+    tch::manual_seed(seed as i64);
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    Llava::new(&vs.root(), &cfg).map_err(PresetError::Model)?;
+    weights::save(&vs, out, tch::Kind::Float, &files)
+        .map_err(|e| PresetError::Model(e.to_string()))?;
+    let mut names: Vec<String> = files.iter().map(|(f, _)| f.to_string()).collect();
+    names.insert(0, "model.safetensors".into());
+    Ok(names)
+}
+
+/// Writes only the non-weight files (config, tokenizer, processor): enough for the data pipeline.
+pub fn write_model_files(out: &Path, name: &str) -> Result<Vec<String>, PresetError> {
+    let (_, files) = model_files(name)?;
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| PresetError::Io { path, source }
+    };
+    std::fs::create_dir_all(out).map_err(io(out))?;
     let mut names = Vec::new();
-    for (file, value) in files {
+    for (file, bytes) in files {
         let path = out.join(file);
-        let text = serde_json::to_string_pretty(&value).expect("json");
-        std::fs::write(&path, text).map_err(io(&path))?;
+        std::fs::write(&path, bytes).map_err(io(&path))?;
         names.push(file.to_string());
     }
     Ok(names)

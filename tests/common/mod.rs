@@ -147,7 +147,7 @@ pub fn write_batches(path: &Path, schema: Arc<Schema>, cols: Vec<ArrayRef>, rows
 /// A model directory with the tiny preset's tokenizer and processor files.
 pub fn tiny_model(dir: &Path) -> PathBuf {
     let m = dir.join("model");
-    ddpo::model::preset::write_model_files(&m, "tiny", 0).unwrap();
+    ddpo::model::preset::write_model_files(&m, "tiny").unwrap();
     m
 }
 

@@ -1,0 +1,228 @@
+//! LLaMA decoder (RMSNorm, rotary embeddings, grouped-query attention through libtorch's
+//! scaled-dot-product attention, SwiGLU), as transformers' `LlamaModel` computes it.
+//!
+//! Variables live under the path given (`language_model.model.…`, llava-hf layout); the LM head is separate
+//! (`language_model.lm_head`) so log-probs can project only the positions that need them.
+//! Invariants: RMSNorm is computed in fp32 and cast back (as transformers does); rotary tables are built in
+//! fp32; padding is on the right, so positions are 0..T-1 for every row.
+
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use super::config::TextConfig;
+
+#[derive(Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(p: nn::Path, d: i64, eps: f64) -> Self {
+        Self {
+            weight: p.var("weight", &[d], nn::Init::Const(1.0)),
+            eps,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let xf = x.to_kind(Kind::Float);
+        let var = xf.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let normed = (xf * (var + self.eps).rsqrt()).to_kind(kind);
+        &self.weight * normed
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q: nn::Linear,
+    k: nn::Linear,
+    v: nn::Linear,
+    o: nn::Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+fn linear_nobias(p: nn::Path, i: i64, o: i64) -> nn::Linear {
+    nn::linear(
+        p,
+        i,
+        o,
+        nn::LinearConfig {
+            bias: false,
+            ..Default::default()
+        },
+    )
+}
+
+/// Rotates half the dimensions: (x1, x2) → (−x2, x1).
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size().last().copied().expect("rank ≥ 1") / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[x2.neg(), x1], -1)
+}
+
+impl Attention {
+    fn new(p: nn::Path, c: &TextConfig) -> Self {
+        let d = c.hidden_size as i64;
+        let heads = c.num_attention_heads as i64;
+        let kv_heads = c.num_key_value_heads() as i64;
+        let head_dim = d / heads;
+        Self {
+            q: linear_nobias(&p / "q_proj", d, heads * head_dim),
+            k: linear_nobias(&p / "k_proj", d, kv_heads * head_dim),
+            v: linear_nobias(&p / "v_proj", d, kv_heads * head_dim),
+            o: linear_nobias(&p / "o_proj", heads * head_dim, d),
+            heads,
+            kv_heads,
+            head_dim,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Tensor {
+        let (b, t, _) = x.size3().expect("[batch, seq, hidden]");
+        let q = self
+            .q
+            .forward(x)
+            .view([b, t, self.heads, self.head_dim])
+            .transpose(1, 2);
+        let k = self
+            .k
+            .forward(x)
+            .view([b, t, self.kv_heads, self.head_dim])
+            .transpose(1, 2);
+        let v = self
+            .v
+            .forward(x)
+            .view([b, t, self.kv_heads, self.head_dim])
+            .transpose(1, 2);
+        let q = &q * cos + rotate_half(&q) * sin;
+        let k = &k * cos + rotate_half(&k) * sin;
+        let (k, v) = if self.kv_heads != self.heads {
+            let rep = self.heads / self.kv_heads;
+            (
+                k.repeat_interleave_self_int(rep, 1, None),
+                v.repeat_interleave_self_int(rep, 1, None),
+            )
+        } else {
+            (k, v)
+        };
+        let y =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false);
+        self.o.forward(
+            &y.transpose(1, 2)
+                .contiguous()
+                .view([b, t, self.heads * self.head_dim]),
+        )
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    gate: nn::Linear,
+    up: nn::Linear,
+    down: nn::Linear,
+}
+
+impl Layer {
+    fn new(p: nn::Path, c: &TextConfig) -> Self {
+        let d = c.hidden_size as i64;
+        let i = c.intermediate_size as i64;
+        Self {
+            input_norm: RmsNorm::new(&p / "input_layernorm", d, c.rms_norm_eps),
+            attn: Attention::new(&p / "self_attn", c),
+            post_norm: RmsNorm::new(&p / "post_attention_layernorm", d, c.rms_norm_eps),
+            gate: linear_nobias(&p / "mlp" / "gate_proj", d, i),
+            up: linear_nobias(&p / "mlp" / "up_proj", d, i),
+            down: linear_nobias(&p / "mlp" / "down_proj", i, d),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Tensor {
+        let x = x + self
+            .attn
+            .forward(&self.input_norm.forward(x), cos, sin, mask);
+        let h = self.post_norm.forward(&x);
+        let m = self
+            .down
+            .forward(&(self.gate.forward(&h).silu() * self.up.forward(&h)));
+        x + m
+    }
+}
+
+/// The decoder stack without the LM head.
+#[derive(Debug)]
+pub struct Llama {
+    pub embed_tokens: nn::Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    head_dim: i64,
+    rope_theta: f64,
+}
+
+impl Llama {
+    /// `p` is the `model` path (e.g. `language_model.model`).
+    pub fn new(p: nn::Path, c: &TextConfig) -> Self {
+        let d = c.hidden_size as i64;
+        let layers = &p / "layers";
+        Self {
+            embed_tokens: nn::embedding(
+                &p / "embed_tokens",
+                c.vocab_size as i64,
+                d,
+                Default::default(),
+            ),
+            layers: (0..c.num_hidden_layers)
+                .map(|i| Layer::new(&layers / i, c))
+                .collect(),
+            norm: RmsNorm::new(&p / "norm", d, c.rms_norm_eps),
+            head_dim: d / c.num_attention_heads as i64,
+            rope_theta: c.rope_theta(),
+        }
+    }
+
+    /// cos/sin tables `[1, 1, T, head_dim]` for positions 0..T-1, computed in fp32 as transformers does.
+    fn rotary(&self, t: i64, device: tch::Device, kind: Kind) -> (Tensor, Tensor) {
+        let half = self.head_dim / 2;
+        let exponents = Tensor::arange_start_step(0, self.head_dim, 2, (Kind::Int64, device))
+            .to_kind(Kind::Float)
+            / self.head_dim as f64;
+        let inv_freq = Tensor::from(self.rope_theta as f32)
+            .to_device(device)
+            .pow(&exponents)
+            .reciprocal();
+        let pos = Tensor::arange(t, (Kind::Int64, device)).to_kind(Kind::Float);
+        let freqs = pos.unsqueeze(1) * inv_freq.unsqueeze(0); // [T, half]
+        debug_assert_eq!(freqs.size()[1], half);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1);
+        (
+            emb.cos().to_kind(kind).view([1, 1, t, self.head_dim]),
+            emb.sin().to_kind(kind).view([1, 1, t, self.head_dim]),
+        )
+    }
+
+    /// Final hidden states `[B, T, D]` for input embeddings `[B, T, D]` and an attention mask `[B, T]`
+    /// (1 = token, 0 = padding). Causal attention; padded keys are masked out.
+    pub fn forward_embeds(&self, embeds: &Tensor, attention_mask: &Tensor) -> Tensor {
+        let (b, t, _) = embeds.size3().expect("[batch, seq, hidden]");
+        let device = embeds.device();
+        let (cos, sin) = self.rotary(t, device, embeds.kind());
+        let causal = Tensor::ones([t, t], (Kind::Bool, device)).tril(0);
+        let keys = attention_mask.to_kind(Kind::Bool).view([b, 1, 1, t]);
+        let mask = causal.view([1, 1, t, t]).logical_and(&keys);
+        // A padded query row would see no key at all (NaN); let it see itself. Its output is never used.
+        let eye = Tensor::eye(t, (Kind::Bool, device)).view([1, 1, t, t]);
+        let mask = mask.logical_or(&eye);
+        let mut x = embeds.shallow_clone();
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, &mask);
+        }
+        self.norm.forward(&x)
+    }
+}

@@ -1,0 +1,217 @@
+//! LLaVA: CLIP vision tower → 2-layer projector → LLaMA decoder, image features spliced into the token
+//! embeddings at the image-token positions, as transformers' `LlavaForConditionalGeneration` does.
+//!
+//! Invariants:
+//! - Variable names are exactly the llava-hf checkpoint keys (`language_model.model.…`,
+//!   `language_model.lm_head.weight`, `vision_tower.vision_model.…`, `multi_modal_projector.linear_{1,2}.…`),
+//!   so a checkpoint saved from the `VarStore` is loadable by transformers unchanged.
+//! - Log-probs are computed in fp32 and only at response positions, in chunks, so the fp32 full-vocabulary
+//!   logits of a long batch are never all in memory at once.
+
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use super::clip::{Activation, ClipVision};
+use super::config::LlavaConfig;
+use super::llama::Llama;
+use crate::data::collate::IGNORE;
+
+#[derive(Debug)]
+pub struct Llava {
+    pub config: LlavaConfig,
+    vision: ClipVision,
+    proj1: nn::Linear,
+    proj2: nn::Linear,
+    proj_act: Activation,
+    llama: Llama,
+    lm_head: nn::Linear,
+    /// hidden_states index the projector reads (resolved from `vision_feature_layer`).
+    feature_layer: usize,
+}
+
+/// Positions of the response tokens whose log-probs are computed per chunk.
+const LOGPROB_CHUNK: i64 = 1024;
+
+impl Llava {
+    /// Builds the model's variables under `root` (random init; load a checkpoint over them).
+    pub fn new(root: &nn::Path, config: &LlavaConfig) -> Result<Self, String> {
+        let v = &config.vision_config;
+        let t = &config.text_config;
+        if !matches!(
+            config.vision_feature_select_strategy.as_str(),
+            "default" | "full"
+        ) {
+            return Err(format!(
+                "vision_feature_select_strategy {:?} is not supported (default, full)",
+                config.vision_feature_select_strategy
+            ));
+        }
+        let n = v.num_hidden_layers as i64;
+        let l = config.vision_feature_layer;
+        let feature_layer = if l < 0 { n + 1 + l } else { l };
+        if !(0..=n).contains(&feature_layer) {
+            return Err(format!(
+                "vision_feature_layer {l} is outside the vision tower's {n} layers"
+            ));
+        }
+        if t.hidden_size % t.num_attention_heads != 0
+            || t.num_attention_heads % t.num_key_value_heads() != 0
+        {
+            return Err(format!(
+                "text_config: hidden_size {} / num_attention_heads {} / num_key_value_heads {} do not divide",
+                t.hidden_size,
+                t.num_attention_heads,
+                t.num_key_value_heads()
+            ));
+        }
+        if v.hidden_size % v.num_attention_heads != 0 || v.image_size % v.patch_size != 0 {
+            return Err(
+                "vision_config: hidden_size/heads or image_size/patch_size do not divide".into(),
+            );
+        }
+        let proj_act = Activation::from_name(&config.projector_hidden_act).ok_or_else(|| {
+            format!(
+                "projector_hidden_act {:?} is not supported",
+                config.projector_hidden_act
+            )
+        })?;
+        if t.model_type != "llama" {
+            return Err(format!(
+                "text_config.model_type {:?} is not supported (llama)",
+                t.model_type
+            ));
+        }
+        if v.model_type != "clip_vision_model" {
+            return Err(format!(
+                "vision_config.model_type {:?} is not supported (clip_vision_model)",
+                v.model_type
+            ));
+        }
+        let vision = ClipVision::new(root / "vision_tower" / "vision_model", v)?;
+        let mm = root / "multi_modal_projector";
+        let (vd, td) = (v.hidden_size as i64, t.hidden_size as i64);
+        let lm = root / "language_model";
+        Ok(Self {
+            config: config.clone(),
+            vision,
+            proj1: nn::linear(&mm / "linear_1", vd, td, Default::default()),
+            proj2: nn::linear(&mm / "linear_2", td, td, Default::default()),
+            proj_act,
+            llama: Llama::new(&lm / "model", t),
+            lm_head: nn::linear(
+                &lm / "lm_head",
+                td,
+                t.vocab_size as i64,
+                nn::LinearConfig {
+                    bias: false,
+                    ..Default::default()
+                },
+            ),
+            feature_layer: feature_layer as usize,
+        })
+    }
+
+    /// Projected image features `[B·N, D]` for pixel values `[B, 3, H, W]` (N visual tokens per image).
+    pub fn image_features(&self, pixel_values: &Tensor) -> Tensor {
+        let states = self
+            .vision
+            .hidden_states(pixel_values, Some(self.feature_layer));
+        let mut f = states[self.feature_layer].shallow_clone();
+        if self.config.vision_feature_select_strategy == "default" {
+            let n = f.size()[1];
+            f = f.narrow(1, 1, n - 1);
+        }
+        let h = self
+            .proj2
+            .forward(&self.proj_act.apply(&self.proj1.forward(&f)));
+        h.flatten(0, 1)
+    }
+
+    /// Token embeddings with image features placed at image-token positions (in order).
+    pub fn embed(
+        &self,
+        input_ids: &Tensor,
+        pixel_values: &Tensor,
+        image_rows: Option<&Tensor>,
+    ) -> Tensor {
+        let embeds = self.llama.embed_tokens.forward(input_ids);
+        let feats = self.image_features(pixel_values).to_kind(embeds.kind());
+        // Rows may share images ([chosen; rejected] layout): `image_rows[r]` is row r's image index.
+        let feats = match image_rows {
+            Some(idx) => {
+                let n = self.config.num_image_tokens() as i64;
+                let d = feats.size()[1];
+                feats.view([-1, n, d]).index_select(0, idx).flatten(0, 1)
+            }
+            None => feats,
+        };
+        let mask = input_ids
+            .eq(self.config.image_token_index() as i64)
+            .unsqueeze(-1)
+            .expand_as(&embeds);
+        embeds.masked_scatter(&mask, &feats)
+    }
+
+    /// Final hidden states `[B, T, D]`.
+    pub fn hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        pixel_values: &Tensor,
+        image_rows: Option<&Tensor>,
+    ) -> Tensor {
+        let e = self.embed(input_ids, pixel_values, image_rows);
+        self.llama.forward_embeds(&e, attention_mask)
+    }
+
+    /// Full logits `[B, T, V]` (for tests and small inputs; training uses [`Llava::response_logps`]).
+    pub fn logits(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        pixel_values: &Tensor,
+    ) -> Tensor {
+        self.lm_head
+            .forward(&self.hidden(input_ids, attention_mask, pixel_values, None))
+    }
+
+    /// Per-token log-probs of the label tokens: `out[r, t] = log p(labels[r, t] | tokens < t)` in fp32 at
+    /// positions where `labels != −100`, 0 elsewhere. Shape `[B, T]`. Only label positions are projected onto
+    /// the vocabulary, `LOGPROB_CHUNK` positions at a time.
+    pub fn response_logps(&self, hidden: &Tensor, labels: &Tensor) -> Tensor {
+        let (b, t, d) = hidden.size3().expect("[batch, seq, hidden]");
+        // The token at t is predicted by the hidden state at t − 1.
+        let h = hidden.narrow(1, 0, t - 1).reshape([-1, d]);
+        let y = labels.narrow(1, 1, t - 1).reshape([-1]);
+        let pos = y.ne(IGNORE).nonzero().squeeze_dim(1);
+        let n = pos.size()[0];
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = LOGPROB_CHUNK.min(n - start);
+            let idx = pos.narrow(0, start, len);
+            let logits = self
+                .lm_head
+                .forward(&h.index_select(0, &idx))
+                .to_kind(Kind::Float);
+            let lp = logits.log_softmax(-1, Kind::Float);
+            let tok = y.index_select(0, &idx).unsqueeze(1);
+            parts.push(lp.gather(1, &tok, false).squeeze_dim(1));
+            start += len;
+        }
+        let flat = Tensor::zeros([b * (t - 1)], (Kind::Float, hidden.device()));
+        let flat = if parts.is_empty() {
+            flat
+        } else {
+            flat.index_put(&[Some(pos)], &Tensor::cat(&parts, 0), false)
+        };
+        let shifted = flat.view([b, t - 1]);
+        Tensor::cat(
+            &[
+                Tensor::zeros([b, 1], (Kind::Float, hidden.device())),
+                shifted,
+            ],
+            1,
+        )
+    }
+}
