@@ -9,7 +9,7 @@ CARGO := scripts/with-torch cargo
 DEMO := target/demo
 BIN := target/debug
 
-.PHONY: setup build test demo lint bench-data clean-demo
+.PHONY: setup build test demo lint bench-data bench-forward clean-demo
 
 setup:
 	@scripts/setup.sh >/dev/null
@@ -33,6 +33,9 @@ demo: build
 	$(BIN)/ddpo validate --config configs/tiny-cpu.toml
 
 # Data-pipeline throughput on one core (see BENCHMARKS.md).
+bench-forward: setup
+	$(CARGO) bench --bench forward
+
 bench-data: setup
 	$(CARGO) bench --bench data_pipeline
 

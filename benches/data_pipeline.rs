@@ -12,6 +12,11 @@ use ddpo::data::synth::{write_synthetic, SynthOptions};
 use ddpo::model::preset::write_model_files;
 
 fn main() {
+    // `cargo test --all-targets` runs bench targets too; only `cargo bench` (which passes --bench) measures.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("data_pipeline: a benchmark; run it with `make bench-data`");
+        return;
+    }
     let pairs: usize = std::env::var("PAIRS")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -746,7 +746,6 @@ struct SynthRow {
     chosen: String,
     rejected: String,
     png: Vec<u8>,
-    groups: Vec<Group>,
     edits: Vec<Edit>,
 }
 
@@ -771,20 +770,22 @@ struct Wording {
 }
 
 fn generate_row(seed: u64, idx: u64, image_size: u32) -> Result<SynthRow, image::ImageError> {
-    let mut rng = Rng::for_row(seed, idx, 1);
-    let groups = draw_scene(&mut rng);
+    let groups = row_scene(seed, idx);
     let png = render_png(&groups, seed, idx, image_size)?;
-    let mut text_rng = Rng::for_row(seed, idx, 2);
-    let (question, chosen, rejected, edits) = write_texts(&groups, &mut text_rng);
+    let texts = write_texts(&groups, &mut Rng::for_row(seed, idx, 2));
     Ok(SynthRow {
         idx,
-        question,
-        chosen,
-        rejected,
+        question: texts.question,
+        chosen: texts.chosen,
+        rejected: texts.rejected,
         png,
-        groups,
-        edits,
+        edits: texts.edits,
     })
+}
+
+/// The scene of row `idx` (its own random stream, so text and drawing choices never shift it).
+fn row_scene(seed: u64, idx: u64) -> Vec<Group> {
+    draw_scene(&mut Rng::for_row(seed, idx, 1))
 }
 
 fn draw_scene(rng: &mut Rng) -> Vec<Group> {
@@ -805,7 +806,16 @@ fn draw_scene(rng: &mut Rng) -> Vec<Group> {
         .collect()
 }
 
-fn write_texts(groups: &[Group], rng: &mut Rng) -> (String, String, String, Vec<Edit>) {
+/// A row's question and answers.
+#[derive(Debug, Clone)]
+struct Texts {
+    question: String,
+    chosen: String,
+    rejected: String,
+    edits: Vec<Edit>,
+}
+
+fn write_texts(groups: &[Group], rng: &mut Rng) -> Texts {
     let (question, kind) = *rng.pick(&QUESTIONS);
     let long_positions = rng.below(2) == 1;
     let wordings: Vec<Wording> = groups
@@ -864,7 +874,12 @@ fn write_texts(groups: &[Group], rng: &mut Rng) -> (String, String, String, Vec<
     }
     let chosen = compose(groups, intro, closing);
     let rejected = compose(&wrong, intro, closing);
-    (question.to_string(), chosen, rejected, edits)
+    Texts {
+        question: question.to_string(),
+        chosen,
+        rejected,
+        edits,
+    }
 }
 
 fn group_sentence(g: &Group, w: Wording) -> String {
@@ -1165,8 +1180,11 @@ mod tests {
         }
     }
 
-    /// (idx, text, image bytes) of every row of a file, and its row-group sizes.
-    fn read_rows(path: &Path) -> (Vec<(i64, String, Vec<u8>)>, Vec<i64>) {
+    /// (idx, text, image bytes) of a row.
+    type StoredRow = (i64, String, Vec<u8>);
+
+    /// Every row of a file, and its row-group sizes.
+    fn read_rows(path: &Path) -> (Vec<StoredRow>, Vec<i64>) {
         let file = File::open(path).unwrap();
         let builder = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
         let groups = builder
@@ -1427,7 +1445,7 @@ mod tests {
     fn chosen_describes_the_scene() {
         for idx in 0..50 {
             let row = generate_row(2, idx, 96).unwrap();
-            for g in &row.groups {
+            for g in &row_scene(2, idx) {
                 let colour = COLOURS[g.colour].0;
                 let count = COUNT_WORDS[g.count - 1];
                 let shape = if g.count == 1 {
@@ -1466,7 +1484,7 @@ mod tests {
                 "row {idx}: PNG only {} bytes",
                 row.png.len()
             );
-            for g in &row.groups {
+            for g in &row_scene(5, idx) {
                 let [x0, y0, x1, y1] = REGIONS[g.region].map(|v| v * 96.0);
                 let target = COLOURS[g.colour].1;
                 let near = |p: &image::Rgb<u8>| {
@@ -1514,11 +1532,8 @@ mod tests {
         assert!(vocab.iter().all(|w| !w.contains(' ') && !w.is_empty()));
         let mut used = BTreeSet::new();
         for idx in 0..2000 {
-            let mut rng = Rng::for_row(9, idx, 1);
-            let groups = draw_scene(&mut rng);
-            let mut text_rng = Rng::for_row(9, idx, 2);
-            let (q, c, r, _) = write_texts(&groups, &mut text_rng);
-            for text in [&q, &c, &r] {
+            let t = write_texts(&row_scene(9, idx), &mut Rng::for_row(9, idx, 2));
+            for text in [&t.question, &t.chosen, &t.rejected] {
                 for w in split_words(text) {
                     assert!(
                         set.contains(w),
@@ -1604,29 +1619,5 @@ mod tests {
         let err = write_synthetic(&opts(&blocker.join("sub"), 2, 1, 0)).unwrap_err();
         assert!(matches!(err, SynthError::Io { .. }), "{err:?}");
         assert!(err.to_string().contains("not-a-dir"), "{err}");
-    }
-}
-#[cfg(test)]
-mod dbg_tmp {
-    #[test]
-    #[ignore]
-    fn dump() {
-        let pairs: usize = std::env::var("N").map(|v| v.parse().unwrap()).unwrap_or(16);
-        let _ = std::fs::remove_dir_all("/tmp/synth_dbg");
-        let o = super::SynthOptions {
-            out_dir: "/tmp/synth_dbg".into(),
-            pairs,
-            shards: 4,
-            seed: 5,
-            ..Default::default()
-        };
-        let t = std::time::Instant::now();
-        let r = super::write_synthetic(&o).unwrap();
-        eprintln!(
-            "TIMING {} pairs in {:.2}s, edits {}",
-            r.pairs,
-            t.elapsed().as_secs_f64(),
-            r.edits
-        );
     }
 }

@@ -28,6 +28,18 @@ pub struct TextConfig {
     pub rope_parameters: Option<Value>,
     #[serde(default = "d::max_pos")]
     pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default = "d::silu")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub head_dim: Option<usize>,
 }
 
 impl TextConfig {
@@ -44,6 +56,43 @@ impl TextConfig {
 
     pub fn num_key_value_heads(&self) -> usize {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Settings this implementation does not compute; each message names the key.
+    pub fn unsupported(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let rope_type = self
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("rope_type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        if self.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) || rope_type != "default" {
+            out.push("text_config.rope_scaling / rope_parameters.rope_type: only plain (default) RoPE is supported".into());
+        }
+        if self.attention_bias {
+            out.push("text_config.attention_bias = true is not supported".into());
+        }
+        if self.mlp_bias {
+            out.push("text_config.mlp_bias = true is not supported".into());
+        }
+        if self.hidden_act != "silu" {
+            out.push(format!(
+                "text_config.hidden_act = {:?}: only silu is supported",
+                self.hidden_act
+            ));
+        }
+        if self.tie_word_embeddings {
+            out.push("text_config.tie_word_embeddings = true is not supported".into());
+        }
+        if let Some(h) = self.head_dim {
+            if h * self.num_attention_heads != self.hidden_size {
+                out.push(format!(
+                    "text_config.head_dim = {h} differs from hidden_size / num_attention_heads; not supported"
+                ));
+            }
+        }
+        out
     }
 }
 
@@ -106,6 +155,9 @@ mod d {
     }
     pub fn quick_gelu() -> String {
         "quick_gelu".into()
+    }
+    pub fn silu() -> String {
+        "silu".into()
     }
     pub fn gelu() -> String {
         "gelu".into()
@@ -203,6 +255,12 @@ impl LlavaConfig {
                     rope_theta: Some(10000.0),
                     rope_parameters: None,
                     max_position_embeddings: 1024,
+                    rope_scaling: None,
+                    attention_bias: false,
+                    mlp_bias: false,
+                    hidden_act: "silu".into(),
+                    tie_word_embeddings: false,
+                    head_dim: None,
                 },
                 VisionConfig {
                     model_type: "clip_vision_model".into(),
@@ -230,6 +288,12 @@ impl LlavaConfig {
                     rope_theta: Some(10000.0),
                     rope_parameters: None,
                     max_position_embeddings: 4096,
+                    rope_scaling: None,
+                    attention_bias: false,
+                    mlp_bias: false,
+                    hidden_act: "silu".into(),
+                    tie_word_embeddings: false,
+                    head_dim: None,
                 },
                 VisionConfig {
                     model_type: "clip_vision_model".into(),

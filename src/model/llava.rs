@@ -75,6 +75,10 @@ impl Llava {
                 config.projector_hidden_act
             )
         })?;
+        let unsupported = t.unsupported();
+        if !unsupported.is_empty() {
+            return Err(unsupported.join("; "));
+        }
         if t.model_type != "llama" {
             return Err(format!(
                 "text_config.model_type {:?} is not supported (llama)",
@@ -111,6 +115,21 @@ impl Llava {
         })
     }
 
+    /// Builds the model on `device` and loads `dir`'s checkpoint; `kind` is the weight dtype (bf16 on CUDA,
+    /// fp32 on CPU). Log-probs are fp32 whatever the weights.
+    pub fn load(
+        dir: &std::path::Path,
+        device: tch::Device,
+        kind: Kind,
+    ) -> Result<(nn::VarStore, Self), String> {
+        let config = LlavaConfig::from_dir(dir)?;
+        let mut vs = nn::VarStore::new(device);
+        let model = Self::new(&vs.root(), &config)?;
+        vs.set_kind(kind);
+        super::weights::load(&vs, dir).map_err(|e| e.to_string())?;
+        Ok((vs, model))
+    }
+
     /// Projected image features `[B·N, D]` for pixel values `[B, 3, H, W]` (N visual tokens per image).
     pub fn image_features(&self, pixel_values: &Tensor) -> Tensor {
         let states = self
@@ -145,10 +164,15 @@ impl Llava {
             }
             None => feats,
         };
-        let mask = input_ids
-            .eq(self.config.image_token_index() as i64)
-            .unsqueeze(-1)
-            .expand_as(&embeds);
+        let is_image = input_ids.eq(self.config.image_token_index() as i64);
+        let slots = i64::try_from(is_image.sum(Kind::Int64)).unwrap_or(-1);
+        assert_eq!(
+            slots,
+            feats.size()[0],
+            "the batch has {slots} image-token positions but its images give {} visual tokens",
+            feats.size()[0]
+        );
+        let mask = is_image.unsqueeze(-1).expand_as(&embeds);
         embeds.masked_scatter(&mask, &feats)
     }
 
@@ -179,6 +203,12 @@ impl Llava {
     /// positions where `labels != −100`, 0 elsewhere. Shape `[B, T]`. Only label positions are projected onto
     /// the vocabulary, `LOGPROB_CHUNK` positions at a time.
     pub fn response_logps(&self, hidden: &Tensor, labels: &Tensor) -> Tensor {
+        self.response_logps_chunked(hidden, labels, LOGPROB_CHUNK)
+    }
+
+    /// [`Llava::response_logps`] with an explicit chunk size (positions per vocabulary projection).
+    pub fn response_logps_chunked(&self, hidden: &Tensor, labels: &Tensor, chunk: i64) -> Tensor {
+        let chunk = chunk.max(1);
         let (b, t, d) = hidden.size3().expect("[batch, seq, hidden]");
         // The token at t is predicted by the hidden state at t − 1.
         let h = hidden.narrow(1, 0, t - 1).reshape([-1, d]);
@@ -188,7 +218,7 @@ impl Llava {
         let mut parts = Vec::new();
         let mut start = 0;
         while start < n {
-            let len = LOGPROB_CHUNK.min(n - start);
+            let len = chunk.min(n - start);
             let idx = pos.narrow(0, start, len);
             let logits = self
                 .lm_head
