@@ -95,23 +95,27 @@ fn main() {
     let full = time(&|| {
         tch::no_grad(|| {
             let l = model.logits(&ids, &mask, &px_rows);
-            std::hint::black_box(l);
+            let _ = std::hint::black_box(l);
         })
     });
     // What training uses: each image encoded once, log-probs only at response positions.
     let used = time(&|| {
         tch::no_grad(|| {
             let h = model.hidden(&ids, &mask, &px, Some(&image_rows));
-            std::hint::black_box(model.response_logps(&h, &labels));
+            let _ = std::hint::black_box(model.response_logps(&h, &labels));
         })
     });
 
     // Where the time goes (same work as transformers).
     let vision = time(&|| {
-        tch::no_grad(|| std::hint::black_box(model.image_features(&px_rows)));
+        tch::no_grad(|| drop(std::hint::black_box(model.image_features(&px_rows))));
     });
     let hidden = time(&|| {
-        tch::no_grad(|| std::hint::black_box(model.hidden(&ids, &mask, &px_rows, None)));
+        tch::no_grad(|| {
+            drop(std::hint::black_box(
+                model.hidden(&ids, &mask, &px_rows, None),
+            ))
+        });
     });
 
     let py = std::env::var("DDPO_PYTHON").unwrap_or_else(|_| "python3".into());

@@ -43,7 +43,10 @@ pub fn preset_config(name: &str) -> Result<(LlavaConfig, serde_json::Value), Pre
 }
 
 /// The non-weight files of a preset's model directory: (file name, contents).
-fn model_files(name: &str) -> Result<(LlavaConfig, Vec<(&'static str, Vec<u8>)>), PresetError> {
+/// (file name, contents) of a model directory's non-weight files.
+type Files = Vec<(&'static str, Vec<u8>)>;
+
+fn model_files(name: &str) -> Result<(LlavaConfig, Files), PresetError> {
     let (cfg, tok) = preset_config(name)?;
     let (tok_cfg, special) = tokenizer_config_json(cfg.text_config.max_position_embeddings);
     let processor = ImageProcessorConfig::clip(cfg.vision_config.image_size as u32).to_json();
