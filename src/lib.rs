@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod data;
+pub mod ddpo;
 pub mod logging;
 pub mod model;
 pub mod rpc;

@@ -24,6 +24,10 @@ pub struct Batch {
     pub labels: Tensor,
     pub changed: Tensor,
     pub pixel_values: Tensor,
+    /// `[2B]`: the image index of each row (row i and B+i share image i), so each image is encoded once.
+    pub image_rows: Tensor,
+    /// `[2B, T]` reference log-probs at label positions (0 elsewhere), when every example carries them.
+    pub ref_logps: Option<Tensor>,
     /// Pairs in the batch (B).
     pub pairs: usize,
     /// Response tokens over the whole batch (both sides), for tokens/s.
@@ -54,6 +58,20 @@ pub fn collate(examples: &[Example], pad_id: u32, image_hw: (usize, usize)) -> B
     let mut mask = vec![0i64; rows * t];
     let mut labels = vec![IGNORE; rows * t];
     let mut changed = vec![0f32; rows * t];
+    let has_ref = !examples.is_empty() && examples.iter().all(|e| e.reference.is_some());
+    let mut refs = vec![0f32; if has_ref { rows * t } else { 0 }];
+    let ref_rows: Vec<&[f32]> = if has_ref {
+        fn r(e: &Example) -> &super::pipeline::RefLogps {
+            e.reference.as_ref().expect("checked")
+        }
+        examples
+            .iter()
+            .map(|e| &r(e).chosen[..])
+            .chain(examples.iter().map(|e| &r(e).rejected[..]))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut response_tokens = 0;
     for (r, (prompt, resp, ch)) in seqs.iter().enumerate() {
         let base = r * t;
@@ -65,6 +83,15 @@ pub fn collate(examples: &[Example], pad_id: u32, image_hw: (usize, usize)) -> B
         for (i, (&id, &c)) in resp.iter().zip(ch.iter()).enumerate() {
             labels[start + i] = id as i64;
             changed[start + i] = if c { 1.0 } else { 0.0 };
+        }
+        if has_ref {
+            let lp = ref_rows[r];
+            assert_eq!(
+                lp.len(),
+                resp.len(),
+                "reference log-probs must align with response ids"
+            );
+            refs[start..start + lp.len()].copy_from_slice(lp);
         }
         response_tokens += resp.len();
     }
@@ -86,12 +113,29 @@ pub fn collate(examples: &[Example], pad_id: u32, image_hw: (usize, usize)) -> B
         labels: Tensor::from_slice(&labels).view(shape),
         changed: Tensor::from_slice(&changed).view(shape),
         pixel_values: Tensor::from_slice(&pixels).view([b as i64, 3, h as i64, w as i64]),
+        image_rows: Tensor::arange(b as i64, (Kind::Int64, tch::Device::Cpu)).repeat([2]),
+        ref_logps: has_ref.then(|| Tensor::from_slice(&refs).view(shape)),
         pairs: b,
         response_tokens,
     }
 }
 
 impl Batch {
+    /// Moves the tensors to `device` (pixel values stay fp32; the model casts them).
+    pub fn to_device(&self, device: tch::Device) -> Batch {
+        Batch {
+            input_ids: self.input_ids.to_device(device),
+            attention_mask: self.attention_mask.to_device(device),
+            labels: self.labels.to_device(device),
+            changed: self.changed.to_device(device),
+            pixel_values: self.pixel_values.to_device(device),
+            image_rows: self.image_rows.to_device(device),
+            ref_logps: self.ref_logps.as_ref().map(|t| t.to_device(device)),
+            pairs: self.pairs,
+            response_tokens: self.response_tokens,
+        }
+    }
+
     /// Per-token DDPO weights on label positions (0 elsewhere): 1 outside changed segments, γ inside.
     pub fn weights(&self, gamma: f64) -> Tensor {
         let on_label = self.labels.ne(IGNORE).to_kind(Kind::Float);
@@ -115,6 +159,7 @@ mod tests {
             chosen_changed: cc.to_vec(),
             rejected_changed: rc.to_vec(),
             truncated: false,
+            reference: None,
         }
     }
 

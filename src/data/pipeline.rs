@@ -32,6 +32,15 @@ pub struct Example {
     pub chosen_changed: Vec<bool>,
     pub rejected_changed: Vec<bool>,
     pub truncated: bool,
+    /// Reference log-probs of each response token (from the cache), when training.
+    pub reference: Option<RefLogps>,
+}
+
+/// Reference per-token log-probs of one pair's responses, aligned with `chosen_ids` / `rejected_ids`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefLogps {
+    pub chosen: Vec<f32>,
+    pub rejected: Vec<f32>,
 }
 
 /// Everything per-model that turning a row into an example needs.
@@ -127,6 +136,7 @@ impl Preprocessor {
             chosen_changed,
             rejected_changed,
             truncated,
+            reference: None,
         })
     }
 }
