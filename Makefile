@@ -28,9 +28,11 @@ lint: setup
 demo: build
 	rm -rf $(DEMO)
 	$(BIN)/ddpo init-model --out $(DEMO)/model --preset tiny
-	$(BIN)/ddpo synth --out $(DEMO)/data --pairs 512 --shards 2 --seed 1
-	$(BIN)/ddpo synth --out $(DEMO)/data --pairs 64 --shards 1 --seed 2 --prefix eval
+	$(BIN)/ddpo synth --out $(DEMO)/data --pairs 1024 --shards 2 --seed 1 --image-size 48 --difficulty easy
+	$(BIN)/ddpo synth --out $(DEMO)/data --pairs 128 --shards 1 --seed 2 --image-size 48 --difficulty easy --prefix eval
 	$(BIN)/ddpo validate --config configs/tiny-cpu.toml
+	$(BIN)/ddpo precompute --config configs/tiny-cpu.toml --device cpu
+	$(BIN)/ddpo train --config configs/tiny-cpu.toml --device cpu
 
 # Data-pipeline throughput on one core (see BENCHMARKS.md).
 bench-forward: setup

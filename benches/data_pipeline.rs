@@ -37,6 +37,7 @@ fn main() {
         image_size,
         rows_per_group: 64,
         prefix: "train".into(),
+        difficulty: Default::default(),
     })
     .unwrap();
     let shard = report.files[0].clone();

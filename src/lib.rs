@@ -7,4 +7,6 @@ pub mod data;
 pub mod ddpo;
 pub mod logging;
 pub mod model;
+pub mod refcache;
 pub mod rpc;
+pub mod train;

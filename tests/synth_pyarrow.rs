@@ -120,6 +120,7 @@ fn pyarrow_and_pillow_read_the_synthetic_shards() {
         image_size: 64,
         rows_per_group: 10,
         prefix: "train".into(),
+        difficulty: Default::default(),
     };
     let report = write_synthetic(&opts).unwrap();
     assert_eq!(report.pairs, 45);

@@ -49,6 +49,10 @@ enum Cmd {
         /// File name prefix (`train`, `eval`, …).
         #[arg(long, default_value = "train")]
         prefix: String,
+        /// `standard` (1-3 groups; wrong colour, shape, count or position) or `easy` (one group, one wrong
+        /// colour: learnable by a tiny model from scratch).
+        #[arg(long, default_value = "standard")]
+        difficulty: String,
     },
     /// Write a random-initialised model directory of a built-in shape: weights (llava-hf layout),
     /// config.json, tokenizer and image-processor files.
@@ -60,6 +64,26 @@ enum Cmd {
         preset: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Compute the reference model's per-token log-probs over every training and eval shard, once, into the
+    /// cache (`reference.cache_dir`). Shards already cached with the same fingerprint are not recomputed.
+    Precompute {
+        #[arg(long)]
+        config: PathBuf,
+        /// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available).
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
+    /// Train with DDPO in this process (precomputing the reference cache first if needed). Resumes from the
+    /// newest checkpoint in `train.output_dir` when there is one.
+    Train {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Stop after this many optimizer steps in total, with a checkpoint (run again to continue).
+        #[arg(long)]
+        max_steps: Option<usize>,
     },
     /// Check a job: config keys and ranges, files, model directory, and every data row (layout, JSON, image
     /// decode, tokenization, diff). Reports bad rows with shard, row number and reason; exits non-zero on
@@ -82,17 +106,30 @@ fn main() -> ExitCode {
             image_size,
             rows_per_group,
             prefix,
-        } => cmd_synth(synth::SynthOptions {
-            out_dir: out,
-            pairs,
-            shards,
-            seed,
-            image_size,
-            rows_per_group,
-            prefix,
-        }),
+            difficulty,
+        } => match synth::Difficulty::from_name(&difficulty) {
+            Some(difficulty) => cmd_synth(synth::SynthOptions {
+                out_dir: out,
+                pairs,
+                shards,
+                seed,
+                image_size,
+                rows_per_group,
+                prefix,
+                difficulty,
+            }),
+            None => Err(anyhow::anyhow!(
+                "--difficulty {difficulty:?}: expected standard or easy"
+            )),
+        },
         Cmd::InitModel { out, preset, seed } => cmd_init_model(&out, &preset, seed),
         Cmd::Validate { config } => cmd_validate(&config),
+        Cmd::Precompute { config, device } => cmd_precompute(&config, &device),
+        Cmd::Train {
+            config,
+            device,
+            max_steps,
+        } => cmd_train(&config, &device, max_steps),
     };
     match result {
         Ok(code) => code,
@@ -125,6 +162,74 @@ fn cmd_init_model(out: &Path, name: &str, seed: u64) -> Result<ExitCode> {
         name,
         out.display(),
         written.join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses `--device`.
+fn parse_device(s: &str) -> Result<tch::Device> {
+    Ok(match s {
+        "auto" => tch::Device::cuda_if_available(),
+        "cpu" => tch::Device::Cpu,
+        "cuda" => tch::Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => tch::Device::Cuda(n),
+            None => bail!("--device {other:?}: expected cpu, cuda, cuda:N or auto"),
+        },
+    })
+}
+
+/// Loads and fully checks a job config (keys, ranges, files), printing problems like `validate` does.
+fn load_config(path: &Path) -> Result<Config> {
+    let cfg = Config::load(path)?;
+    let problems = cfg.check_files();
+    if !problems.is_empty() {
+        bail!(
+            "config {}: {} problem(s):\n  - {}",
+            path.display(),
+            problems.len(),
+            problems.join("\n  - ")
+        );
+    }
+    Ok(cfg)
+}
+
+fn cmd_precompute(path: &Path, device: &str) -> Result<ExitCode> {
+    let cfg = load_config(path)?;
+    let device = parse_device(device)?;
+    let t = Instant::now();
+    let report = ddpo::refcache::precompute(&cfg, device)?;
+    println!("{report}");
+    println!("precompute done in {:.1} s", t.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_train(path: &Path, device: &str, max_steps: Option<usize>) -> Result<ExitCode> {
+    let cfg = load_config(path)?;
+    let device = parse_device(device)?;
+    let t = Instant::now();
+    let report = ddpo::train::train(&cfg, &ddpo::train::TrainOptions { device, max_steps })?;
+    if let Some(from) = report.resumed_from {
+        println!("resumed from step {from}");
+    }
+    println!(
+        "trained {}/{} steps ({} skipped) in {:.1} s; checkpoint {}",
+        report.steps,
+        report.total_steps,
+        report.skipped_steps,
+        t.elapsed().as_secs_f64(),
+        report
+            .last_checkpoint
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "none".into())
+    );
+    for (k, v) in report.last_metrics.iter().chain(report.last_eval.iter()) {
+        println!("  {k} = {v:.6}");
+    }
+    println!(
+        "metrics: {}",
+        cfg.train.output_dir.join("metrics.jsonl").display()
     );
     Ok(ExitCode::SUCCESS)
 }

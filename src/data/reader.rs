@@ -254,6 +254,61 @@ impl ShardReader {
         }
     }
 
+    /// The row group holding `row`, if any.
+    pub fn group_of(&self, row: u64) -> Option<usize> {
+        let md = self.meta.metadata();
+        let mut start = 0u64;
+        for g in 0..md.num_row_groups() {
+            let end = start + md.row_group(g).num_rows().max(0) as u64;
+            if row < end {
+                return Some(g);
+            }
+            start = end;
+        }
+        None
+    }
+
+    /// Reads one whole row group (random access, for shuffled training): each row as a pair or its error.
+    pub fn read_group(&self, g: usize) -> Vec<Result<RawPair, RowError>> {
+        let (start, end) = (self.group_start(g), self.group_end(g));
+        let reader = self
+            .file
+            .try_clone()
+            .map_err(|e| e.to_string())
+            .and_then(|f| {
+                ParquetRecordBatchReaderBuilder::new_with_metadata(f, self.meta.clone())
+                    .with_projection(self.mask.clone())
+                    .with_row_groups(vec![g])
+                    .with_batch_size(self.batch_rows)
+                    .build()
+                    .map_err(|e| e.to_string())
+            });
+        let mut out = Vec::with_capacity((end - start) as usize);
+        let mut next = start;
+        match reader {
+            Ok(r) => {
+                for batch in r {
+                    match batch {
+                        Ok(b) => {
+                            out.extend(self.convert(&b, next));
+                            next += b.num_rows() as u64;
+                        }
+                        Err(e) => {
+                            let reason = format!("row group {g} unreadable: {e}");
+                            out.extend((next..end).map(|r| Err(self.row_err(r, reason.clone()))));
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                let reason = format!("row group {g} unreadable: {e}");
+                out.extend((start..end).map(|r| Err(self.row_err(r, reason.clone()))));
+            }
+        }
+        out
+    }
+
     fn group_start(&self, g: usize) -> u64 {
         let md = self.meta.metadata();
         (0..g)

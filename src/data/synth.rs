@@ -64,6 +64,30 @@ pub struct SynthOptions {
     pub rows_per_group: usize,
     /// File stem prefix (default "train"): `<prefix>-00000-of-00004.parquet`.
     pub prefix: String,
+    /// How hard the preference is to learn (default `Standard`).
+    pub difficulty: Difficulty,
+}
+
+/// How much of the image a model must understand to tell chosen from rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Difficulty {
+    /// 1-3 groups of 1-4 shapes; 1-3 errors of colour, shape, count or position — what RLHF-V-style data
+    /// asks of a real model.
+    #[default]
+    Standard,
+    /// One group of one or two large shapes and exactly one wrong colour: a preference a tiny model trained
+    /// from scratch can learn in a few hundred steps (tests, demos).
+    Easy,
+}
+
+impl Difficulty {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "standard" => Some(Self::Standard),
+            "easy" => Some(Self::Easy),
+            _ => None,
+        }
+    }
 }
 
 impl Default for SynthOptions {
@@ -76,6 +100,7 @@ impl Default for SynthOptions {
             image_size: 96,
             rows_per_group: 64,
             prefix: "train".to_string(),
+            difficulty: Difficulty::Standard,
         }
     }
 }
@@ -327,7 +352,7 @@ fn write_shard_to(
     let mut start = rows.start;
     while start < rows.end {
         let end = (start + opts.rows_per_group).min(rows.end);
-        let generated = generate_rows(opts.seed, start..end, opts.image_size);
+        let generated = generate_rows(opts.seed, start..end, opts.image_size, opts.difficulty);
         let mut batch_rows = Vec::with_capacity(generated.len());
         for (i, row) in generated.into_iter().enumerate() {
             let row = row.map_err(|source| SynthError::Image {
@@ -402,6 +427,7 @@ fn generate_rows(
     seed: u64,
     range: Range<usize>,
     image_size: u32,
+    level: Difficulty,
 ) -> Vec<Result<SynthRow, image::ImageError>> {
     let n = range.len();
     let threads = std::thread::available_parallelism()
@@ -411,7 +437,7 @@ fn generate_rows(
         .min(n.div_ceil(8).max(1));
     if threads <= 1 {
         return range
-            .map(|i| generate_row(seed, i as u64, image_size))
+            .map(|i| generate_row(seed, i as u64, image_size, level))
             .collect();
     }
     let chunk = n.div_ceil(threads);
@@ -422,7 +448,7 @@ fn generate_rows(
                 let hi = range.start + ((t + 1) * chunk).min(n);
                 scope.spawn(move || {
                     (lo..hi)
-                        .map(|i| generate_row(seed, i as u64, image_size))
+                        .map(|i| generate_row(seed, i as u64, image_size, level))
                         .collect::<Vec<_>>()
                 })
             })
@@ -769,10 +795,15 @@ struct Wording {
     long_positions: bool,
 }
 
-fn generate_row(seed: u64, idx: u64, image_size: u32) -> Result<SynthRow, image::ImageError> {
-    let groups = row_scene(seed, idx);
-    let png = render_png(&groups, seed, idx, image_size)?;
-    let texts = write_texts(&groups, &mut Rng::for_row(seed, idx, 2));
+fn generate_row(
+    seed: u64,
+    idx: u64,
+    image_size: u32,
+    level: Difficulty,
+) -> Result<SynthRow, image::ImageError> {
+    let groups = row_scene(seed, idx, level);
+    let png = render_png(&groups, seed, idx, image_size, level == Difficulty::Easy)?;
+    let texts = write_texts(&groups, &mut Rng::for_row(seed, idx, 2), level);
     Ok(SynthRow {
         idx,
         question: texts.question,
@@ -784,11 +815,19 @@ fn generate_row(seed: u64, idx: u64, image_size: u32) -> Result<SynthRow, image:
 }
 
 /// The scene of row `idx` (its own random stream, so text and drawing choices never shift it).
-fn row_scene(seed: u64, idx: u64) -> Vec<Group> {
-    draw_scene(&mut Rng::for_row(seed, idx, 1))
+fn row_scene(seed: u64, idx: u64, level: Difficulty) -> Vec<Group> {
+    draw_scene(&mut Rng::for_row(seed, idx, 1), level)
 }
 
-fn draw_scene(rng: &mut Rng) -> Vec<Group> {
+fn draw_scene(rng: &mut Rng, level: Difficulty) -> Vec<Group> {
+    if level == Difficulty::Easy {
+        return vec![Group {
+            colour: rng.below(COLOURS.len()),
+            shape: rng.below(SHAPES.len()),
+            count: 1 + rng.below(2),
+            region: rng.below(REGIONS.len()),
+        }];
+    }
     let n = match rng.below(10) {
         0..=2 => 1,
         3..=6 => 2,
@@ -815,7 +854,7 @@ struct Texts {
     edits: Vec<Edit>,
 }
 
-fn write_texts(groups: &[Group], rng: &mut Rng) -> Texts {
+fn write_texts(groups: &[Group], rng: &mut Rng, level: Difficulty) -> Texts {
     let (question, kind) = *rng.pick(&QUESTIONS);
     let long_positions = rng.below(2) == 1;
     let wordings: Vec<Wording> = groups
@@ -859,7 +898,7 @@ fn write_texts(groups: &[Group], rng: &mut Rng) -> Texts {
         }
         sentences.join(" ")
     };
-    let (wrong, edits) = hallucinate(groups, rng);
+    let (wrong, edits) = hallucinate(groups, rng, level);
     // Keep both answers at least 15 words (a wrong position can be a word shorter than the right one):
     // add a closing, then an opening sentence, when short.
     let words = |s: &str| s.split_whitespace().count();
@@ -906,7 +945,21 @@ fn group_sentence(g: &Group, w: Wording) -> String {
 
 /// Puts 1-3 wrong attributes into a copy of the scene description. Wrong colours and positions are ones
 /// the scene does not use, so the rejected text stays plausible on its own.
-fn hallucinate(groups: &[Group], rng: &mut Rng) -> (Vec<Group>, Vec<Edit>) {
+fn hallucinate(groups: &[Group], rng: &mut Rng, level: Difficulty) -> (Vec<Group>, Vec<Edit>) {
+    if level == Difficulty::Easy {
+        let mut wrong = groups.to_vec();
+        let free: Vec<usize> = (0..COLOURS.len())
+            .filter(|&c| c != groups[0].colour)
+            .collect();
+        wrong[0].colour = *rng.pick(&free);
+        return (
+            wrong,
+            vec![Edit {
+                group: 0,
+                attr: Attr::Colour,
+            }],
+        );
+    }
     let want = match rng.below(20) {
         0..=9 => 1,
         10..=16 => 2,
@@ -1050,8 +1103,33 @@ fn shape_sdf(shape: Shape, r: f32, line: f32, x: f32, y: f32) -> f32 {
 }
 
 /// Places every shape of every group: a 2x2 grid of cells per region, `count` of them used.
-fn layout(groups: &[Group], size: f32, rng: &mut Rng) -> Vec<Instance> {
+/// Shape instances; `big` draws each shape about two thirds of the image wide, centred towards its region.
+fn layout(groups: &[Group], size: f32, rng: &mut Rng, big: bool) -> Vec<Instance> {
     let mut out = Vec::new();
+    if big {
+        for g in groups {
+            let [x0, y0, x1, y1] = REGIONS[g.region];
+            let fill = COLOURS[g.colour].1.map(f32::from);
+            let r = size * rng.uniform(0.28, 0.34);
+            let clamp = |v: f32| v.clamp(r * 1.1, size - r * 1.1);
+            for k in 0..g.count {
+                // Two shapes sit side by side (or one above the other) around the region's centre.
+                let off = if g.count == 2 {
+                    (k as f32 - 0.5) * r * 0.9
+                } else {
+                    0.0
+                };
+                out.push(Instance {
+                    shape: SHAPE_KINDS[g.shape],
+                    cx: clamp(0.5 * (x0 + x1) * size + off),
+                    cy: clamp(0.5 * (y0 + y1) * size),
+                    r: if g.count == 2 { 0.6 * r } else { r },
+                    fill,
+                });
+            }
+        }
+        return out;
+    }
     for g in groups {
         let [x0, y0, x1, y1] = REGIONS[g.region];
         let (w, h) = ((x1 - x0) * size, (y1 - y0) * size);
@@ -1084,7 +1162,7 @@ fn layout(groups: &[Group], size: f32, rng: &mut Rng) -> Vec<Instance> {
 }
 
 /// Draws the scene into an RGB8 buffer of `size`×`size` pixels.
-fn render(groups: &[Group], seed: u64, idx: u64, size: u32) -> Vec<u8> {
+fn render(groups: &[Group], seed: u64, idx: u64, size: u32, big: bool) -> Vec<u8> {
     let mut rng = Rng::for_row(seed, idx, 3);
     let n = size as usize;
     let sf = size as f32;
@@ -1109,7 +1187,7 @@ fn render(groups: &[Group], seed: u64, idx: u64, size: u32) -> Vec<u8> {
     }
     // Shapes: fill colour inside, a darker outline band at the edge, antialiased over one pixel.
     let outline = (sf / 96.0).max(1.0);
-    for inst in layout(groups, sf, &mut rng) {
+    for inst in layout(groups, sf, &mut rng, big) {
         let dark = inst.fill.map(|v| v * 0.45);
         let reach = 1.3 * inst.r + 2.0;
         let xa = ((inst.cx - reach).floor().max(0.0)) as usize;
@@ -1155,8 +1233,9 @@ fn render_png(
     seed: u64,
     idx: u64,
     size: u32,
+    big: bool,
 ) -> Result<Vec<u8>, image::ImageError> {
-    let rgb = render(groups, seed, idx, size);
+    let rgb = render(groups, seed, idx, size, big);
     let mut png = Vec::with_capacity(rgb.len());
     PngEncoder::new_with_quality(&mut png, CompressionType::Default, FilterType::Adaptive)
         .write_image(&rgb, size, size, ExtendedColorType::Rgb8)?;
@@ -1169,6 +1248,32 @@ mod tests {
     use arrow::array::{Array, AsArray};
     use arrow::datatypes::Int64Type;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    #[test]
+    fn easy_rows_differ_in_exactly_one_colour_word() {
+        for idx in 0..200 {
+            let row = generate_row(4, idx, 48, Difficulty::Easy).unwrap();
+            assert_eq!(row_scene(4, idx, Difficulty::Easy).len(), 1);
+            let (a, b): (Vec<&str>, Vec<&str>) = (
+                row.chosen.split_whitespace().collect(),
+                row.rejected.split_whitespace().collect(),
+            );
+            assert_eq!(a.len(), b.len(), "{} / {}", row.chosen, row.rejected);
+            let diff: Vec<(&str, &str)> = a
+                .iter()
+                .zip(&b)
+                .filter(|(x, y)| x != y)
+                .map(|(x, y)| (*x, *y))
+                .collect();
+            assert_eq!(diff.len(), 1, "{} / {}", row.chosen, row.rejected);
+            let is_colour = |w: &str| {
+                COLOURS
+                    .iter()
+                    .any(|c| c.0 == w.trim_matches(|c: char| !c.is_alphabetic()))
+            };
+            assert!(is_colour(diff[0].0) && is_colour(diff[0].1), "{diff:?}");
+        }
+    }
 
     fn opts(dir: &Path, pairs: usize, shards: usize, seed: u64) -> SynthOptions {
         SynthOptions {
@@ -1398,7 +1503,7 @@ mod tests {
         let mut edit_counts = [0usize; 4];
         let mut attr_counts = HashMap::new();
         for idx in 0..400 {
-            let row = generate_row(11, idx, 32).unwrap();
+            let row = generate_row(11, idx, 32, Difficulty::Standard).unwrap();
             assert_ne!(row.chosen, row.rejected, "row {idx}");
             let (ra, rb) = changed_words(&row.rejected, &row.chosen);
             let n = row.edits.len();
@@ -1444,8 +1549,8 @@ mod tests {
     #[test]
     fn chosen_describes_the_scene() {
         for idx in 0..50 {
-            let row = generate_row(2, idx, 96).unwrap();
-            for g in &row_scene(2, idx) {
+            let row = generate_row(2, idx, 96, Difficulty::Standard).unwrap();
+            for g in &row_scene(2, idx, Difficulty::Standard) {
                 let colour = COLOURS[g.colour].0;
                 let count = COUNT_WORDS[g.count - 1];
                 let shape = if g.count == 1 {
@@ -1476,7 +1581,7 @@ mod tests {
     #[test]
     fn images_decode_and_show_the_described_colours_where_described() {
         for idx in 0..30 {
-            let row = generate_row(5, idx, 96).unwrap();
+            let row = generate_row(5, idx, 96, Difficulty::Standard).unwrap();
             let img = image::load_from_memory(&row.png).unwrap().to_rgb8();
             assert_eq!(img.dimensions(), (96, 96));
             assert!(
@@ -1484,7 +1589,7 @@ mod tests {
                 "row {idx}: PNG only {} bytes",
                 row.png.len()
             );
-            for g in &row_scene(5, idx) {
+            for g in &row_scene(5, idx, Difficulty::Standard) {
                 let [x0, y0, x1, y1] = REGIONS[g.region].map(|v| v * 96.0);
                 let target = COLOURS[g.colour].1;
                 let near = |p: &image::Rgb<u8>| {
@@ -1532,7 +1637,11 @@ mod tests {
         assert!(vocab.iter().all(|w| !w.contains(' ') && !w.is_empty()));
         let mut used = BTreeSet::new();
         for idx in 0..2000 {
-            let t = write_texts(&row_scene(9, idx), &mut Rng::for_row(9, idx, 2));
+            let t = write_texts(
+                &row_scene(9, idx, Difficulty::Standard),
+                &mut Rng::for_row(9, idx, 2),
+                Difficulty::Standard,
+            );
             for text in [&t.question, &t.chosen, &t.rejected] {
                 for w in split_words(text) {
                     assert!(

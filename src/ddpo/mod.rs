@@ -78,7 +78,7 @@ pub fn pair_terms(
         LossKind::Hinge => (-(&margin * beta) + 1.0).relu(),
     };
     if cfg.sft_weight > 0.0 {
-        loss = loss - &pc * cfg.sft_weight;
+        loss -= &pc * cfg.sft_weight;
     }
     PairTerms {
         reward_chosen: (&pc - &rc).detach() * beta,

@@ -213,6 +213,28 @@ pub fn save(
     Ok(())
 }
 
+/// Writes every variable of `vs` to one safetensors file (llava-hf names, sorted) in `dtype`.
+pub fn write_safetensors(vs: &nn::VarStore, path: &Path, dtype: Kind) -> Result<(), WeightsError> {
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                v.detach()
+                    .to_kind(dtype)
+                    .to_device(tch::Device::Cpu)
+                    .contiguous(),
+            )
+        })
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Tensor::write_safetensors(&named, path).map_err(|e| WeightsError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,231 @@
+//! Training data: the good rows of a split, a seeded per-epoch shuffle, and random access to examples
+//! (row group reads with a small cache), with cached reference log-probs attached and checked.
+//!
+//! Invariants:
+//! - The row list is deterministic (shards sorted, rows ascending) and, in cached mode, is exactly the rows
+//!   the reference cache holds; an epoch's order is a pure function of (seed, epoch), so a resumed run sees
+//!   the same batches.
+//! - An example's ids must equal the cached ids (`refcache::attach`); a stale cache is an error, never a
+//!   silent mismatch.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use crate::config::OnBadRow;
+use crate::data::pipeline::{Example, ExampleStream, Preprocessor};
+use crate::data::reader::{RawPair, ShardReader};
+use crate::data::{DataError, RowError};
+use crate::refcache::{self, CachedPair, RefCache};
+
+use super::TrainError;
+
+/// A good row: shard index in the split's shard list, row number in that shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RowRef {
+    pub shard: usize,
+    pub row: u64,
+}
+
+/// Row groups kept decoded; shuffled access touches many groups, so keep a few.
+const GROUP_CACHE: usize = 8;
+
+pub struct PairSource {
+    shards: Vec<PathBuf>,
+    readers: Vec<ShardReader>,
+    pre: Preprocessor,
+    cached: Option<Vec<HashMap<u64, CachedPair>>>,
+    rows: Vec<RowRef>,
+    groups: Vec<(GroupKey, Vec<Result<RawPair, RowError>>)>,
+}
+
+/// (shard index, row group) of a decoded row group.
+type GroupKey = (usize, usize);
+
+impl std::fmt::Debug for PairSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PairSource")
+            .field("shards", &self.shards)
+            .field("rows", &self.rows.len())
+            .finish()
+    }
+}
+
+impl PairSource {
+    /// Cached mode: the rows are those in the reference cache.
+    pub fn cached(
+        shards: Vec<PathBuf>,
+        pre: Preprocessor,
+        cache: &RefCache,
+    ) -> Result<Self, TrainError> {
+        let mut per_shard = Vec::with_capacity(shards.len());
+        let mut rows = Vec::new();
+        for (i, s) in shards.iter().enumerate() {
+            let pairs = cache.load_shard(s)?;
+            rows.extend(pairs.iter().map(|p| RowRef {
+                shard: i,
+                row: p.row,
+            }));
+            per_shard.push(pairs.into_iter().map(|p| (p.row, p)).collect());
+        }
+        Self::build(shards, pre, Some(per_shard), rows)
+    }
+
+    /// Online mode (no cache): one pass over the split finds the good rows (bad ones are reported once).
+    pub fn online(
+        shards: Vec<PathBuf>,
+        pre: Preprocessor,
+        policy: OnBadRow,
+    ) -> Result<Self, TrainError> {
+        let mut rows = Vec::new();
+        let mut stream = ExampleStream::new(&pre, shards.clone(), policy);
+        for ex in stream.by_ref() {
+            let ex = ex?;
+            rows.push(RowRef {
+                shard: ex.shard,
+                row: ex.row,
+            });
+        }
+        drop(stream);
+        Self::build(shards, pre, None, rows)
+    }
+
+    fn build(
+        shards: Vec<PathBuf>,
+        pre: Preprocessor,
+        cached: Option<Vec<HashMap<u64, CachedPair>>>,
+        rows: Vec<RowRef>,
+    ) -> Result<Self, TrainError> {
+        let readers = shards
+            .iter()
+            .map(|s| ShardReader::open(s, 64))
+            .collect::<Result<Vec<_>, DataError>>()?;
+        Ok(Self {
+            shards,
+            readers,
+            pre,
+            cached,
+            rows,
+            groups: Vec::new(),
+        })
+    }
+
+    pub fn rows(&self) -> &[RowRef] {
+        &self.rows
+    }
+
+    pub fn preprocessor(&self) -> &Preprocessor {
+        &self.pre
+    }
+
+    fn raw(&mut self, r: RowRef) -> Result<RawPair, TrainError> {
+        let reader = &self.readers[r.shard];
+        let g = reader.group_of(r.row).ok_or_else(|| {
+            TrainError::Data(DataError::Row(RowError {
+                shard: self.shards[r.shard].clone(),
+                row: r.row,
+                reason: "row number beyond the end of the shard (shard changed since caching?)"
+                    .into(),
+            }))
+        })?;
+        let key = (r.shard, g);
+        if let Some(pos) = self.groups.iter().position(|(k, _)| *k == key) {
+            let entry = self.groups.remove(pos);
+            self.groups.push(entry);
+        } else {
+            let rows = reader.read_group(g);
+            if self.groups.len() >= GROUP_CACHE {
+                self.groups.remove(0);
+            }
+            self.groups.push((key, rows));
+        }
+        let (_, rows) = self.groups.last().expect("just pushed");
+        let first = rows
+            .iter()
+            .map(|x| match x {
+                Ok(p) => p.row,
+                Err(e) => e.row,
+            })
+            .next()
+            .unwrap_or(0);
+        match &rows[(r.row - first) as usize] {
+            Ok(p) => Ok(p.clone()),
+            Err(e) => Err(TrainError::Data(DataError::Row(e.clone()))),
+        }
+    }
+
+    /// The processed example for a row, with reference log-probs attached in cached mode.
+    pub fn example(&mut self, r: RowRef) -> Result<Example, TrainError> {
+        let raw = self.raw(r)?;
+        let shard = self.shards[r.shard].clone();
+        let mut ex = self.pre.process(r.shard, &raw).map_err(|reason| {
+            TrainError::Data(DataError::Row(RowError {
+                shard: shard.clone(),
+                row: r.row,
+                reason,
+            }))
+        })?;
+        if let Some(cached) = &self.cached {
+            let c = cached[r.shard]
+                .get(&r.row)
+                .expect("rows come from the cache");
+            refcache::attach(&mut ex, c, &shard)?;
+        }
+        Ok(ex)
+    }
+}
+
+/// splitmix64: a tiny, well-mixed PRNG whose output never changes with crate versions.
+#[derive(Debug, Clone)]
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in 0..n (n > 0), by rejection so there is no modulo bias.
+    pub fn below(&mut self, n: u64) -> u64 {
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let x = self.next_u64();
+            if x < zone {
+                return x % n;
+            }
+        }
+    }
+}
+
+/// The order of `n` rows in `epoch`: a Fisher–Yates shuffle seeded by (seed, epoch).
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut rng = SplitMix::new(seed ^ (epoch as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut order: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        order.swap(i, j);
+    }
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_order_is_a_seeded_permutation() {
+        let a = epoch_order(100, 7, 0);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).collect::<Vec<_>>());
+        assert_eq!(a, epoch_order(100, 7, 0));
+        assert_ne!(a, epoch_order(100, 7, 1));
+        assert_ne!(a, epoch_order(100, 8, 0));
+    }
+}

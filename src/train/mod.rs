@@ -1,0 +1,591 @@
+//! DDPO training in one process (`ddpo train`): reference log-probs from the cache (or an online reference
+//! model), AdamW with owned state, warm-up + decay schedule, gradient accumulation and clipping, seeded
+//! shuffling, metrics to `metrics.jsonl`, evaluation, atomic checkpoints and exact resume.
+//!
+//! Invariants:
+//! - In cached mode the reference model is never loaded; every example's ids are checked against the cache.
+//! - Step `s` uses the rows `order(epoch)[pos·B .. (pos+1)·B]` with `epoch = s / steps_per_epoch`; nothing
+//!   else (no wall clock, no thread timing) decides what a step sees, so a resumed run repeats a straight run
+//!   bit for bit on CPU.
+//! - A step whose loss or gradient norm is not finite changes no weights and no optimizer state; it is
+//!   counted in `skipped_steps` and the run goes on.
+//! - A metrics row describes its step's forward pass, before that step's update.
+
+pub mod checkpoint;
+pub mod data;
+pub mod optim;
+pub mod schedule;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::config::{Config, Dtype, FreezeTarget, ReferenceMode};
+use crate::data::collate::{collate, Batch};
+use crate::data::pipeline::{Example, Preprocessor};
+use crate::data::{shards, DataError};
+use crate::ddpo::{self, MetricSums};
+use crate::model::llava::Llava;
+use crate::refcache::{self, CacheError, RefCache};
+
+use checkpoint::{CheckpointError, TrainerState};
+use data::{epoch_order, PairSource, RowRef};
+use optim::{AdamW, AdamWConfig, OptimError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("model {}: {reason}", path.display())]
+    Model { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Run options that are not part of the job (they do not change what is computed).
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub device: Device,
+    /// Stop after this many optimizer steps in total (with a checkpoint), e.g. to split a run.
+    pub max_steps: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub total_steps: usize,
+    pub skipped_steps: usize,
+    pub resumed_from: Option<usize>,
+    pub last_checkpoint: Option<PathBuf>,
+    pub last_metrics: Vec<(String, f64)>,
+    pub last_eval: Vec<(String, f64)>,
+    pub reference_loaded: bool,
+}
+
+/// The weight dtype for a device: bf16 on CUDA unless fp32 is asked for; fp32 on CPU.
+pub fn weight_kind(dtype: Dtype, device: Device) -> Kind {
+    match (dtype, device.is_cuda()) {
+        (Dtype::Fp32, _) | (_, false) => Kind::Float,
+        (Dtype::Bf16, true) | (Dtype::Auto, true) => Kind::BFloat16,
+    }
+}
+
+fn pad_id(pre: &Preprocessor) -> u32 {
+    pre.text
+        .tokenizer()
+        .token_to_id(crate::data::tokenizer::PAD)
+        .unwrap_or(0)
+}
+
+fn image_hw(pre: &Preprocessor) -> (usize, usize) {
+    pre.image
+        .fixed_output_size()
+        .expect("checked when the preprocessor was built")
+}
+
+/// Marks frozen modules' variables as not requiring gradients; returns the trainable ones by name.
+fn trainable(vs: &nn::VarStore, freeze: &[FreezeTarget]) -> BTreeMap<String, Tensor> {
+    let prefix = |f: &FreezeTarget| match f {
+        FreezeTarget::VisionTower => "vision_tower.",
+        FreezeTarget::Projector => "multi_modal_projector.",
+        FreezeTarget::LanguageModel => "language_model.",
+    };
+    let mut out = BTreeMap::new();
+    for (name, mut t) in vs.variables() {
+        if freeze.iter().any(|f| name.starts_with(prefix(f))) {
+            let _ = t.requires_grad_(false);
+        } else {
+            out.insert(name, t);
+        }
+    }
+    out
+}
+
+/// Everything one run holds.
+struct Run<'a> {
+    cfg: &'a Config,
+    device: Device,
+    model: Llava,
+    vs: nn::VarStore,
+    reference: Option<(nn::VarStore, Llava)>,
+    opt: AdamW,
+    train: PairSource,
+    eval: Option<PairSource>,
+    metrics: std::fs::File,
+    state: TrainerState,
+}
+
+impl Run<'_> {
+    fn examples(&mut self, rows: &[RowRef], eval: bool) -> Result<Vec<Example>, TrainError> {
+        let src = if eval {
+            self.eval.as_mut().expect("eval split")
+        } else {
+            &mut self.train
+        };
+        rows.iter().map(|&r| src.example(r)).collect()
+    }
+
+    fn terms(&self, batch: &Batch) -> ddpo::PairTerms {
+        terms(
+            &self.model,
+            self.reference.as_ref().map(|r| &r.1),
+            batch,
+            &self.cfg.ddpo,
+        )
+    }
+
+    fn collate(&self, exs: &[Example], eval: bool) -> Batch {
+        let src = if eval {
+            self.eval.as_ref().expect("eval split")
+        } else {
+            &self.train
+        };
+        let pre = src.preprocessor();
+        collate(exs, pad_id(pre), image_hw(pre)).to_device(self.device)
+    }
+
+    /// One optimizer step over the global batch `rows`. Returns the step's metric sums, the gradient norm
+    /// (before clipping) and whether the update was applied.
+    fn step(&mut self, rows: &[RowRef], lr: f64) -> Result<(MetricSums, f64, bool), TrainError> {
+        let global = rows.len() as f64;
+        let mut sums = MetricSums::default();
+        let mut finite = true;
+        self.opt.zero_grad();
+        for micro in rows.chunks(self.cfg.train.micro_batch_size) {
+            let exs = self.examples(micro, false)?;
+            let batch = self.collate(&exs, false);
+            let reference = self.reference.as_ref().map(|r| &r.1);
+            finite &= micro_step(
+                &self.model,
+                reference,
+                &batch,
+                global,
+                &self.cfg.ddpo,
+                &mut sums,
+            );
+        }
+        let norm = self.opt.grad_norm();
+        if !finite || !norm.is_finite() {
+            self.opt.zero_grad();
+            return Ok((sums, norm, false));
+        }
+        let max = self.cfg.train.max_grad_norm;
+        if max > 0.0 && norm > max {
+            self.opt.scale_grads(max / (norm + 1e-6));
+        }
+        self.opt.update(lr);
+        self.opt.zero_grad();
+        Ok((sums, norm, true))
+    }
+
+    fn evaluate(&mut self) -> Result<Option<MetricSums>, TrainError> {
+        let Some(eval) = self.eval.as_ref() else {
+            return Ok(None);
+        };
+        let rows: Vec<RowRef> = eval.rows().to_vec();
+        let mut sums = MetricSums::default();
+        for micro in rows.chunks(self.cfg.train.micro_batch_size.max(1)) {
+            let exs = self.examples(micro, true)?;
+            let batch = self.collate(&exs, true);
+            let t = tch::no_grad(|| self.terms(&batch));
+            sums.add(&t, batch.response_tokens);
+        }
+        Ok(Some(sums))
+    }
+
+    fn write_metrics(&mut self, row: &serde_json::Value) -> Result<(), TrainError> {
+        let path = self.cfg.train.output_dir.join("metrics.jsonl");
+        writeln!(self.metrics, "{row}")
+            .and_then(|_| self.metrics.flush())
+            .map_err(|source| TrainError::Io { path, source })
+    }
+
+    fn checkpoint(&self) -> Result<PathBuf, TrainError> {
+        let model_dir = &self.cfg.model.path;
+        Ok(checkpoint::save(
+            &self.cfg.train.output_dir,
+            &self.vs,
+            model_dir,
+            &self.opt,
+            &self.state,
+            self.cfg.train.keep_last,
+        )?)
+    }
+}
+
+/// Policy and reference log-probs of a micro-batch and its DDPO terms (reference from the batch's cached
+/// log-probs, else from `reference` under no_grad).
+pub fn terms(
+    model: &Llava,
+    reference: Option<&Llava>,
+    batch: &Batch,
+    cfg: &crate::config::DdpoConfig,
+) -> ddpo::PairTerms {
+    let policy = ddpo::batch_logps(model, batch);
+    let reference = match (&batch.ref_logps, reference) {
+        (Some(r), _) => r.shallow_clone(),
+        (None, Some(m)) => tch::no_grad(|| ddpo::batch_logps(m, batch)),
+        (None, None) => {
+            panic!("a batch without cached reference log-probs needs a reference model")
+        }
+    };
+    ddpo::pair_terms(&policy, &reference, batch, cfg)
+}
+
+/// Forward and backward of one micro-batch; each pair's loss enters with weight 1/`global_pairs`, so the
+/// gradients accumulated over a step's micro-batches equal those of the global batch's mean loss.
+/// Returns whether the micro-batch's loss was finite.
+pub fn micro_step(
+    model: &Llava,
+    reference: Option<&Llava>,
+    batch: &Batch,
+    global_pairs: f64,
+    cfg: &crate::config::DdpoConfig,
+    sums: &mut MetricSums,
+) -> bool {
+    let t = terms(model, reference, batch, cfg);
+    let loss = t.loss.sum(Kind::Float) / global_pairs;
+    let finite = loss.double_value(&[]).is_finite();
+    loss.backward();
+    sums.add(&t, batch.response_tokens);
+    finite
+}
+
+fn metrics_row(
+    step: usize,
+    epoch: f64,
+    named: &[(String, f64)],
+    extra: &[(&str, f64)],
+) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    m.insert("step".into(), step.into());
+    m.insert("epoch".into(), epoch.into());
+    for (k, v) in named {
+        m.insert(k.clone(), json_num(*v));
+    }
+    for (k, v) in extra {
+        m.insert(k.to_string(), json_num(*v));
+    }
+    serde_json::Value::Object(m)
+}
+
+/// JSON has no NaN/inf: write them as strings so a skipped step's row stays valid JSON.
+fn json_num(v: f64) -> serde_json::Value {
+    if v.is_finite() {
+        v.into()
+    } else {
+        v.to_string().into()
+    }
+}
+
+/// Keeps only the metrics rows of steps ≤ `step` (a resumed run rewrites what came after its checkpoint).
+fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    std::fs::write(path, out).map_err(|source| TrainError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Runs (or resumes) training as the config says.
+pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainError> {
+    let device = opts.device;
+    let kind = weight_kind(cfg.model.dtype, device);
+    let out_dir = &cfg.train.output_dir;
+    std::fs::create_dir_all(out_dir).map_err(|source| TrainError::Io {
+        path: out_dir.clone(),
+        source,
+    })?;
+    let train_shards = shards::discover(&cfg.data.train)?;
+    let eval_shards = if cfg.data.eval.is_empty() {
+        Vec::new()
+    } else {
+        shards::discover(&cfg.data.eval)?
+    };
+    let pre = Preprocessor::from_config(cfg)?;
+
+    // Reference: the cache (computed first if anything is missing), or a frozen second model.
+    let (train_src, eval_src, reference) = match cfg.reference.mode {
+        ReferenceMode::Cached => {
+            let cache = RefCache::open_for_device(cfg, device)?;
+            let mut all = train_shards.clone();
+            all.extend(eval_shards.iter().cloned());
+            if !cache.missing_shards(&all)?.is_empty() {
+                tracing::info!("reference cache incomplete: precomputing first");
+                refcache::precompute(cfg, device)?;
+            }
+            let t = PairSource::cached(train_shards, pre.clone(), &cache)?;
+            let e = if eval_shards.is_empty() {
+                None
+            } else {
+                Some(PairSource::cached(eval_shards, pre, &cache)?)
+            };
+            (t, e, None)
+        }
+        ReferenceMode::Online => {
+            let path = cfg.reference_path();
+            let (rvs, rm) =
+                Llava::load(path, device, kind).map_err(|reason| TrainError::Model {
+                    path: path.to_owned(),
+                    reason,
+                })?;
+            rvs.variables().values_mut().for_each(|t| {
+                let _ = t.requires_grad_(false);
+            });
+            let t = PairSource::online(train_shards, pre.clone(), cfg.data.on_bad_row)?;
+            let e = if eval_shards.is_empty() {
+                None
+            } else {
+                Some(PairSource::online(eval_shards, pre, cfg.data.on_bad_row)?)
+            };
+            (t, e, Some((rvs, rm)))
+        }
+    };
+
+    let n = train_src.rows().len();
+    let bs = cfg.train.batch_size;
+    let steps_per_epoch = n / bs;
+    if steps_per_epoch == 0 {
+        return Err(TrainError::Setup(format!(
+            "the training split has {n} usable pairs, fewer than train.batch_size = {bs}"
+        )));
+    }
+    let total_steps = cfg.train.epochs * steps_per_epoch;
+    let warmup = schedule::warmup_steps(cfg.train.warmup_ratio, total_steps);
+
+    // Resume from the newest complete checkpoint, if any.
+    let latest = checkpoint::list(out_dir).pop();
+    let (weights_dir, resumed) = match &latest {
+        Some((_, dir)) => (dir.clone(), Some(checkpoint::read_state(dir)?)),
+        None => (cfg.model.path.clone(), None),
+    };
+    if let Some(s) = &resumed {
+        if s.train_rows != n || s.total_steps != total_steps || s.seed != cfg.train.seed {
+            return Err(TrainError::Setup(format!(
+                "{}: the checkpoint was made with {} pairs, {} total steps, seed {}; this job has {n}, {total_steps}, {} \
+                 — resuming would not continue the same run (use a new train.output_dir)",
+                weights_dir.display(),
+                s.train_rows,
+                s.total_steps,
+                s.seed,
+                cfg.train.seed
+            )));
+        }
+    }
+    let (vs, model) =
+        Llava::load(&weights_dir, device, kind).map_err(|reason| TrainError::Model {
+            path: weights_dir.clone(),
+            reason,
+        })?;
+    let params = trainable(&vs, &cfg.model.freeze);
+    if params.is_empty() {
+        return Err(TrainError::Setup(
+            "model.freeze leaves nothing to train".into(),
+        ));
+    }
+    let mut opt = AdamW::new(
+        params,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: cfg.train.weight_decay,
+        },
+    );
+    let metrics_path = out_dir.join("metrics.jsonl");
+    let state = match &resumed {
+        Some(s) => {
+            opt.load(&weights_dir.join("optimizer.safetensors"))?;
+            truncate_metrics(&metrics_path, s.step)?;
+            tracing::info!(step = s.step, checkpoint = %weights_dir.display(), "resuming");
+            s.clone()
+        }
+        None => {
+            let _ = std::fs::remove_file(&metrics_path);
+            TrainerState {
+                step: 0,
+                total_steps,
+                steps_per_epoch,
+                seed: cfg.train.seed,
+                skipped_steps: 0,
+                train_rows: n,
+                format: checkpoint::STATE_FORMAT,
+            }
+        }
+    };
+    let metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|source| TrainError::Io {
+            path: metrics_path.clone(),
+            source,
+        })?;
+    let reference_loaded = reference.is_some();
+    let mut run = Run {
+        cfg,
+        device,
+        model,
+        vs,
+        reference,
+        opt,
+        train: train_src,
+        eval: eval_src,
+        metrics,
+        state,
+    };
+    tracing::info!(
+        pairs = n,
+        steps_per_epoch,
+        total_steps,
+        warmup,
+        accumulation = bs / cfg.train.micro_batch_size,
+        trainable = run.opt.params().count(),
+        "training"
+    );
+
+    let start_step = run.state.step;
+    let stop = opts.max_steps.unwrap_or(total_steps).min(total_steps);
+    let mut order: Option<(usize, Vec<usize>)> = None;
+    let mut last_metrics = Vec::new();
+    let mut last_eval = Vec::new();
+    let mut last_checkpoint = latest.map(|(_, p)| p);
+    let mut saved_at = if resumed.is_some() {
+        Some(start_step)
+    } else {
+        None
+    };
+    let t0 = Instant::now();
+    while run.state.step < stop {
+        let step = run.state.step;
+        let epoch = step / steps_per_epoch;
+        let pos = step % steps_per_epoch;
+        if order.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            order = Some((epoch, epoch_order(n, cfg.train.seed, epoch)));
+        }
+        let rows: Vec<RowRef> = order.as_ref().expect("set").1[pos * bs..(pos + 1) * bs]
+            .iter()
+            .map(|&i| run.train.rows()[i])
+            .collect();
+        let lr = schedule::lr_at(cfg.train.lr, cfg.train.schedule, step, warmup, total_steps);
+        let ts = Instant::now();
+        let (sums, norm, applied) = run.step(&rows, lr)?;
+        let secs = ts.elapsed().as_secs_f64();
+        if !applied {
+            run.state.skipped_steps += 1;
+            tracing::warn!(
+                step = step + 1,
+                grad_norm = norm,
+                "non-finite loss or gradient: step skipped"
+            );
+        }
+        run.state.step += 1;
+        let done = run.state.step;
+        let named = sums.named("");
+        let row = metrics_row(
+            done,
+            done as f64 / steps_per_epoch as f64,
+            &named,
+            &[
+                ("grad_norm", norm),
+                ("lr", lr),
+                ("samples_per_sec", bs as f64 / secs),
+                ("tokens_per_sec", sums.tokens / secs),
+                ("skipped_steps", run.state.skipped_steps as f64),
+            ],
+        );
+        run.write_metrics(&row)?;
+        last_metrics = named;
+        if done % cfg.train.log_every == 0 || done == stop {
+            let elapsed = t0.elapsed().as_secs_f64();
+            let per_step = elapsed / (done - start_step) as f64;
+            let eta = per_step * (stop - done) as f64;
+            let get = |k: &str| {
+                last_metrics
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|x| x.1)
+                    .unwrap_or(f64::NAN)
+            };
+            tracing::info!(
+                "step {done}/{total_steps} epoch {:.2} loss {:.4} acc {:.2} margin {:.4} grad_norm {:.3} lr {:.2e} | {:.2} s/step, ETA {:.0} s",
+                done as f64 / steps_per_epoch as f64,
+                get("loss"),
+                get("rewards/accuracies"),
+                get("rewards/margins"),
+                norm,
+                lr,
+                per_step,
+                eta
+            );
+        }
+        let end_of_epoch = done % steps_per_epoch == 0;
+        let eval_now = match cfg.train.eval_every {
+            0 => end_of_epoch,
+            k => done % k == 0 || done == total_steps,
+        };
+        if eval_now {
+            if let Some(sums) = run.evaluate()? {
+                let named = sums.named("eval/");
+                let row = metrics_row(done, done as f64 / steps_per_epoch as f64, &named, &[]);
+                run.write_metrics(&row)?;
+                let acc = named
+                    .iter()
+                    .find(|(k, _)| k == "eval/rewards/accuracies")
+                    .map(|x| x.1);
+                tracing::info!(
+                    "eval at step {done}: loss {:.4} accuracy {:.3}",
+                    named[0].1,
+                    acc.unwrap_or(f64::NAN)
+                );
+                last_eval = named;
+            }
+        }
+        if cfg.train.save_every > 0 && done % cfg.train.save_every == 0 && done < stop {
+            last_checkpoint = Some(run.checkpoint()?);
+            saved_at = Some(done);
+        }
+    }
+    if saved_at != Some(run.state.step) {
+        last_checkpoint = Some(run.checkpoint()?);
+    }
+    Ok(TrainReport {
+        steps: run.state.step,
+        total_steps,
+        skipped_steps: run.state.skipped_steps,
+        resumed_from: resumed.map(|s| s.step),
+        last_checkpoint,
+        last_metrics,
+        last_eval,
+        reference_loaded,
+    })
+}
