@@ -83,6 +83,7 @@ fn cpu(max_steps: Option<usize>) -> TrainOptions {
     TrainOptions {
         device: tch::Device::Cpu,
         max_steps,
+        progress_bar: false,
     }
 }
 

@@ -96,7 +96,8 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format.unwrap_or_else(LogFormat::from_env));
+    let log_format = cli.log_format.unwrap_or_else(LogFormat::from_env);
+    logging::init(log_format);
     let result = match cli.cmd {
         Cmd::Synth {
             out,
@@ -129,7 +130,7 @@ fn main() -> ExitCode {
             config,
             device,
             max_steps,
-        } => cmd_train(&config, &device, max_steps),
+        } => cmd_train(&config, &device, max_steps, log_format),
     };
     match result {
         Ok(code) => code,
@@ -204,11 +205,25 @@ fn cmd_precompute(path: &Path, device: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_train(path: &Path, device: &str, max_steps: Option<usize>) -> Result<ExitCode> {
+fn cmd_train(
+    path: &Path,
+    device: &str,
+    max_steps: Option<usize>,
+    log_format: LogFormat,
+) -> Result<ExitCode> {
     let cfg = load_config(path)?;
     let device = parse_device(device)?;
     let t = Instant::now();
-    let report = ddpo::train::train(&cfg, &ddpo::train::TrainOptions { device, max_steps })?;
+    let progress_bar =
+        std::io::IsTerminal::is_terminal(&std::io::stderr()) && log_format == LogFormat::Text;
+    let report = ddpo::train::train(
+        &cfg,
+        &ddpo::train::TrainOptions {
+            device,
+            max_steps,
+            progress_bar,
+        },
+    )?;
     if let Some(from) = report.resumed_from {
         println!("resumed from step {from}");
     }

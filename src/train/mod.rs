@@ -62,6 +62,35 @@ pub struct TrainOptions {
     pub device: Device,
     /// Stop after this many optimizer steps in total (with a checkpoint), e.g. to split a run.
     pub max_steps: Option<usize>,
+    /// Draw a progress bar on stderr (for terminals; log lines are written either way).
+    pub progress_bar: bool,
+}
+
+/// One-line progress bar with ETA, redrawn in place.
+fn draw_bar(done: usize, total: usize, loss: f64, acc: f64, eta: f64) {
+    let width = 30;
+    let filled = (width * done) / total.max(1);
+    let bar: String = (0..width)
+        .map(|i| {
+            if i < filled {
+                '='
+            } else if i == filled {
+                '>'
+            } else {
+                ' '
+            }
+        })
+        .collect();
+    let eta = eta.max(0.0) as u64;
+    eprint!(
+        "\r[{bar}] {done}/{total} loss {loss:.4} acc {acc:.2} ETA {:02}:{:02}:{:02}  ",
+        eta / 3600,
+        (eta / 60) % 60,
+        eta % 60
+    );
+    if done == total {
+        eprintln!();
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -525,17 +554,23 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainErro
         );
         run.write_metrics(&row)?;
         last_metrics = named;
+        let elapsed = t0.elapsed().as_secs_f64();
+        let per_step = elapsed / (done - start_step) as f64;
+        let eta = per_step * (stop - done) as f64;
+        let get = |k: &str| {
+            last_metrics
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|x| x.1)
+                .unwrap_or(f64::NAN)
+        };
+        if opts.progress_bar {
+            draw_bar(done, stop, get("loss"), get("rewards/accuracies"), eta);
+        }
         if done % cfg.train.log_every == 0 || done == stop {
-            let elapsed = t0.elapsed().as_secs_f64();
-            let per_step = elapsed / (done - start_step) as f64;
-            let eta = per_step * (stop - done) as f64;
-            let get = |k: &str| {
-                last_metrics
-                    .iter()
-                    .find(|(n, _)| n == k)
-                    .map(|x| x.1)
-                    .unwrap_or(f64::NAN)
-            };
+            if opts.progress_bar && done != stop {
+                eprintln!();
+            }
             tracing::info!(
                 "step {done}/{total_steps} epoch {:.2} loss {:.4} acc {:.2} margin {:.4} grad_norm {:.3} lr {:.2e} | {:.2} s/step, ETA {:.0} s",
                 done as f64 / steps_per_epoch as f64,
