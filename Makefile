@@ -9,7 +9,7 @@ CARGO := scripts/with-torch cargo
 DEMO := target/demo
 BIN := target/debug
 
-.PHONY: setup build test demo lint bench-data bench-forward clean-demo
+.PHONY: setup build test demo lint bench-data bench-forward bench-train clean-demo
 
 setup:
 	@scripts/setup.sh >/dev/null
@@ -37,6 +37,10 @@ demo: build
 # Data-pipeline throughput on one core (see BENCHMARKS.md).
 bench-forward: setup
 	$(CARGO) bench --bench forward
+
+# Training step (cached vs online reference), precompute vs transformers, peak memory (see BENCHMARKS.md).
+bench-train: setup
+	$(CARGO) bench --bench train_step
 
 bench-data: setup
 	$(CARGO) bench --bench data_pipeline

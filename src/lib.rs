@@ -2,7 +2,9 @@
 //!
 //! See ARCHITECTURE.md for the code map and the invariants each module keeps.
 
+pub mod collective;
 pub mod config;
+pub mod coordinator;
 pub mod data;
 pub mod ddpo;
 pub mod logging;
@@ -10,3 +12,4 @@ pub mod model;
 pub mod refcache;
 pub mod rpc;
 pub mod train;
+pub mod worker;

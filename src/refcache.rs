@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::Kind;
 
-use crate::config::{Config, Dtype, OnBadRow};
+use crate::config::{Config, OnBadRow};
 use crate::data::collate::{collate, IGNORE};
 use crate::data::pipeline::{Example, ExampleStream, Preprocessor, RefLogps};
 use crate::data::{DataError, RowError};
@@ -294,12 +294,7 @@ impl std::fmt::Debug for RefCache {
 
 /// The weight dtype of the reference forward: `model.dtype`, with `auto` = bf16 on CUDA, fp32 on CPU.
 pub fn reference_kind(cfg: &Config, device: tch::Device) -> Kind {
-    match cfg.model.dtype {
-        Dtype::Fp32 => Kind::Float,
-        Dtype::Bf16 => Kind::BFloat16,
-        Dtype::Auto if device.is_cuda() => Kind::BFloat16,
-        Dtype::Auto => Kind::Float,
-    }
+    crate::train::weight_kind(cfg.model.dtype, device)
 }
 
 fn kind_name(kind: Kind) -> &'static str {

@@ -323,3 +323,35 @@ print("ok")
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// bf16 weights (what CUDA runs use) on CPU: the forward runs with fp32 pixels, log-probs come out fp32,
+/// and they stay close to the fp32 model's.
+#[test]
+fn bf16_forward_runs_and_stays_close_to_fp32() {
+    let dir = fixture("gqa");
+    let e = expected(&dir);
+    let (_vs32, m32) = Llava::load(&dir, tch::Device::Cpu, Kind::Float).unwrap();
+    let (_vs16, m16) = Llava::load(&dir, tch::Device::Cpu, Kind::BFloat16).unwrap();
+    let ids = &e["input_ids"];
+    let mask = &e["attention_mask"];
+    let labels = ids.where_self(&mask.eq(1), &Tensor::from(IGNORE));
+    let lp = |m: &Llava| {
+        tch::no_grad(|| {
+            let h = m.hidden(ids, mask, &e["pixel_values"], None);
+            m.response_logps(&h, &labels)
+        })
+    };
+    let (a, b) = (lp(&m32), lp(&m16));
+    assert_eq!(
+        b.kind(),
+        Kind::Float,
+        "log-probs must be fp32 whatever the weights"
+    );
+    let d = (&a - &b).abs().mean(Kind::Float).double_value(&[]);
+    let scale = a.abs().mean(Kind::Float).double_value(&[]);
+    eprintln!("bf16 vs fp32 log-probs: mean |Δ| {d:.4} (mean |logp| {scale:.3})");
+    assert!(
+        d < 0.05 * scale.max(1.0),
+        "bf16 log-probs differ by {d} on average"
+    );
+}

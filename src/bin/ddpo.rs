@@ -85,6 +85,21 @@ enum Cmd {
         #[arg(long)]
         max_steps: Option<usize>,
     },
+    /// Show a running job's status (from the coordinator's status endpoint).
+    Status {
+        /// Coordinator URL, e.g. http://127.0.0.1:50051
+        #[arg(long)]
+        coordinator: String,
+        /// Print JSON (one object; with --watch one per line) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Keep printing updates until the job ends.
+        #[arg(long)]
+        watch: bool,
+        /// Milliseconds between updates with --watch.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u32,
+    },
     /// Check a job: config keys and ranges, files, model directory, and every data row (layout, JSON, image
     /// decode, tokenization, diff). Reports bad rows with shard, row number and reason; exits non-zero on
     /// any problem.
@@ -126,6 +141,12 @@ fn main() -> ExitCode {
         Cmd::InitModel { out, preset, seed } => cmd_init_model(&out, &preset, seed),
         Cmd::Validate { config } => cmd_validate(&config),
         Cmd::Precompute { config, device } => cmd_precompute(&config, &device),
+        Cmd::Status {
+            coordinator,
+            json,
+            watch,
+            interval_ms,
+        } => cmd_status(&coordinator, json, watch, interval_ms),
         Cmd::Train {
             config,
             device,
@@ -167,8 +188,127 @@ fn cmd_init_model(out: &Path, name: &str, seed: u64) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Parses `--device`.
+fn status_json(s: &ddpo::rpc::pb::JobStatus) -> serde_json::Value {
+    let workers: Vec<serde_json::Value> = s
+        .workers
+        .iter()
+        .map(|w| {
+            serde_json::json!({"worker_id": w.worker_id, "hostname": w.hostname, "device": w.device,
+                "state": w.state, "rank": w.rank, "alive": w.alive, "pid": w.pid,
+                "seconds_since_heartbeat": w.seconds_since_heartbeat})
+        })
+        .collect();
+    let metrics: std::collections::BTreeMap<_, _> = s.metrics.iter().collect();
+    serde_json::json!({"job_id": s.job_id, "phase": s.phase, "generation": s.generation,
+        "world_size": s.world_size, "workers": workers, "step": s.step, "total_steps": s.total_steps,
+        "epoch": s.epoch, "metrics": metrics, "samples_per_sec": s.samples_per_sec, "eta_secs": s.eta_secs,
+        "shards_done": s.shards_done, "shards_total": s.shards_total, "last_checkpoint": s.last_checkpoint,
+        "skipped_rows": s.skipped_rows, "recent_errors": s.recent_errors, "message": s.message})
+}
+
+fn status_table(s: &ddpo::rpc::pb::JobStatus) -> String {
+    let mut out = format!(
+        "job {}  phase {}  generation {}  world {}\n{}\nstep {}/{}  epoch {:.2}  {:.2} pairs/s  ETA {:.0} s\n\
+         precompute {}/{} shards  skipped rows {}  last checkpoint {}\n",
+        s.job_id,
+        s.phase,
+        s.generation,
+        s.world_size,
+        s.message,
+        s.step,
+        s.total_steps,
+        s.epoch,
+        s.samples_per_sec,
+        s.eta_secs,
+        s.shards_done,
+        s.shards_total,
+        s.skipped_rows,
+        if s.last_checkpoint.is_empty() { "-" } else { &s.last_checkpoint }
+    );
+    out += &format!(
+        "{:<24} {:<10} {:>4} {:<14} {:>6} {:>8}\n",
+        "WORKER", "DEVICE", "RANK", "STATE", "ALIVE", "LAST HB"
+    );
+    for w in &s.workers {
+        out += &format!(
+            "{:<24} {:<10} {:>4} {:<14} {:>6} {:>7.1}s\n",
+            w.worker_id,
+            w.device,
+            if w.rank < 0 {
+                "-".to_string()
+            } else {
+                w.rank.to_string()
+            },
+            w.state,
+            if w.alive { "yes" } else { "no" },
+            w.seconds_since_heartbeat
+        );
+    }
+    let keys = [
+        "loss",
+        "rewards/accuracies",
+        "rewards/margins",
+        "eval/loss",
+        "eval/rewards/accuracies",
+    ];
+    let shown: Vec<String> = keys
+        .iter()
+        .filter_map(|k| s.metrics.get(*k).map(|v| format!("{k} {v:.4}")))
+        .collect();
+    if !shown.is_empty() {
+        out += &format!("metrics: {}\n", shown.join("  "));
+    }
+    for e in &s.recent_errors {
+        out += &format!("error: {e}\n");
+    }
+    out
+}
+
+fn cmd_status(url: &str, json: bool, watch: bool, interval_ms: u32) -> Result<ExitCode> {
+    use ddpo::rpc::pb;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut c = pb::coordinator_client::CoordinatorClient::connect(url.to_string())
+            .await
+            .with_context(|| format!("connecting to the coordinator at {url}"))?;
+        let show = |s: &pb::JobStatus| {
+            if json {
+                println!("{}", status_json(s));
+            } else {
+                println!("{}", status_table(s));
+            }
+        };
+        if watch {
+            let mut stream = c
+                .watch_status(pb::WatchStatusRequest {
+                    interval_millis: interval_ms,
+                })
+                .await?
+                .into_inner();
+            while let Some(s) = stream.message().await? {
+                show(&s);
+            }
+        } else {
+            let s = c.get_status(pb::GetStatusRequest {}).await?.into_inner();
+            show(&s);
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Parses `--device`; a CUDA device that does not exist is an error, not a libtorch crash later.
 fn parse_device(s: &str) -> Result<tch::Device> {
+    let d = parse_device_name(s)?;
+    if let tch::Device::Cuda(i) = d {
+        let n = tch::Cuda::device_count();
+        if (i as i64) >= n {
+            bail!("--device {s}: this machine has {n} CUDA device(s)");
+        }
+    }
+    Ok(d)
+}
+
+fn parse_device_name(s: &str) -> Result<tch::Device> {
     Ok(match s {
         "auto" => tch::Device::cuda_if_available(),
         "cpu" => tch::Device::Cpu,

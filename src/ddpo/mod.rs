@@ -131,6 +131,37 @@ impl MetricSums {
         self.tokens += tokens as f64;
     }
 
+    /// The sums as a flat vector (for all-reduce across ranks); [`MetricSums::from_slice`] inverts it.
+    pub fn to_vec(&self) -> Vec<f64> {
+        vec![
+            self.pairs,
+            self.loss,
+            self.reward_chosen,
+            self.reward_rejected,
+            self.accuracy,
+            self.logps_chosen,
+            self.logps_rejected,
+            self.ref_chosen,
+            self.ref_rejected,
+            self.tokens,
+        ]
+    }
+
+    pub fn from_slice(v: &[f64]) -> Self {
+        Self {
+            pairs: v[0],
+            loss: v[1],
+            reward_chosen: v[2],
+            reward_rejected: v[3],
+            accuracy: v[4],
+            logps_chosen: v[5],
+            logps_rejected: v[6],
+            ref_chosen: v[7],
+            ref_rejected: v[8],
+            tokens: v[9],
+        }
+    }
+
     /// Adds another rank's sums (for reductions across ranks).
     pub fn merge(&mut self, o: &MetricSums) {
         self.pairs += o.pairs;

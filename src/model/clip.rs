@@ -186,9 +186,11 @@ impl ClipVision {
     /// Hidden states after the embeddings and after each of the first `upto` layers (all when None).
     pub fn hidden_states(&self, pixel_values: &Tensor, upto: Option<usize>) -> Vec<Tensor> {
         let b = pixel_values.size()[0];
+        // Pixels arrive in fp32 from the processor; the tower may hold bf16 weights.
+        let pixel_values = pixel_values.to_kind(self.class_embedding.kind());
         let x = self
             .patch_embedding
-            .forward(pixel_values)
+            .forward(&pixel_values)
             .flatten(2, -1)
             .transpose(1, 2); // [b, patches, d]
         let cls = self

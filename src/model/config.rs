@@ -185,6 +185,24 @@ impl LlavaConfig {
                 cfg.model_type
             ));
         }
+        let (t, v) = (&cfg.text_config, &cfg.vision_config);
+        let zero: Vec<&str> = [
+            ("text_config.vocab_size", t.vocab_size),
+            ("text_config.hidden_size", t.hidden_size),
+            ("text_config.num_attention_heads", t.num_attention_heads),
+            ("text_config.num_key_value_heads", t.num_key_value_heads()),
+            ("vision_config.hidden_size", v.hidden_size),
+            ("vision_config.num_attention_heads", v.num_attention_heads),
+            ("vision_config.patch_size", v.patch_size),
+            ("vision_config.image_size", v.image_size),
+        ]
+        .into_iter()
+        .filter(|(_, x)| *x == 0)
+        .map(|(k, _)| k)
+        .collect();
+        if !zero.is_empty() {
+            return Err(format!("{}: {} must be > 0", p.display(), zero.join(", ")));
+        }
         if cfg.image_token_index.is_none() {
             return Err(format!(
                 "{}: neither image_token_index nor image_token_id is set",

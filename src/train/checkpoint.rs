@@ -115,6 +115,21 @@ pub fn save(
     Ok(dir)
 }
 
+/// Removes temporary checkpoint folders left by crashed runs (`.checkpoint-<step>.tmp-<pid>`), which are
+/// never complete and can be as large as a checkpoint.
+pub fn remove_stale_temps(output_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(".checkpoint-") && name.contains(".tmp-") {
+            tracing::info!("removing an incomplete checkpoint left by an earlier run: {name}");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// Complete checkpoints in `output_dir`, oldest first.
 pub fn list(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(output_dir) else {

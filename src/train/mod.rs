@@ -23,6 +23,7 @@ use std::time::Instant;
 
 use tch::{nn, Device, Kind, Tensor};
 
+use crate::collective::{Collective, CollectiveError, LocalCollective};
 use crate::config::{Config, Dtype, FreezeTarget, ReferenceMode};
 use crate::data::collate::{collate, Batch};
 use crate::data::pipeline::{Example, Preprocessor};
@@ -54,7 +55,28 @@ pub enum TrainError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("collective: {0}")]
+    Collective(#[from] CollectiveError),
 }
+
+/// Gradient all-reduce bucket size (as PyTorch DDP's default).
+const BUCKET_BYTES: usize = 25 << 20;
+
+/// What a caller (the worker process) learns and decides during a run.
+pub trait TrainHooks {
+    /// After every optimizer step (and evaluation), with that step's global metrics.
+    fn on_step(&mut self, _step: usize, _total: usize, _metrics: &[(String, f64)]) {}
+    /// After a checkpoint is complete.
+    fn on_checkpoint(&mut self, _step: usize, _dir: &Path) {}
+    /// Checked at step boundaries; true ends the run early with a checkpoint (SIGTERM).
+    fn should_stop(&mut self) -> bool {
+        false
+    }
+}
+
+/// Hooks that do nothing.
+pub struct NoHooks;
+impl TrainHooks for NoHooks {}
 
 /// Run options that are not part of the job (they do not change what is computed).
 #[derive(Debug, Clone)]
@@ -103,13 +125,18 @@ pub struct TrainReport {
     pub last_metrics: Vec<(String, f64)>,
     pub last_eval: Vec<(String, f64)>,
     pub reference_loaded: bool,
+    /// Ended early because a stop was requested (with a checkpoint).
+    pub stopped: bool,
 }
 
-/// The weight dtype for a device: bf16 on CUDA unless fp32 is asked for; fp32 on CPU.
+/// The weight dtype for a device: `fp32` and `bf16` as asked (bf16 works on CPU too), `auto` is bf16 on CUDA
+/// and fp32 on CPU. The reference cache uses the same rule, so cached and online references agree.
 pub fn weight_kind(dtype: Dtype, device: Device) -> Kind {
-    match (dtype, device.is_cuda()) {
-        (Dtype::Fp32, _) | (_, false) => Kind::Float,
-        (Dtype::Bf16, true) | (Dtype::Auto, true) => Kind::BFloat16,
+    match dtype {
+        Dtype::Fp32 => Kind::Float,
+        Dtype::Bf16 => Kind::BFloat16,
+        Dtype::Auto if device.is_cuda() => Kind::BFloat16,
+        Dtype::Auto => Kind::Float,
     }
 }
 
@@ -154,11 +181,65 @@ struct Run<'a> {
     opt: AdamW,
     train: PairSource,
     eval: Option<PairSource>,
-    metrics: std::fs::File,
+    /// Open on rank 0 only: one writer for the job's metrics.
+    metrics: Option<std::fs::File>,
     state: TrainerState,
+    comm: &'a mut dyn Collective,
 }
 
 impl Run<'_> {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn world(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// This rank's contiguous share of a list (equal shares; callers make lengths divisible).
+    fn my_share<T: Copy>(&self, all: &[T]) -> Vec<T> {
+        crate::collective::chunk_range(all.len(), self.world(), self.rank())
+            .map(|i| all[i])
+            .collect()
+    }
+
+    /// Data parallelism keeps one model on every rank: after each update every rank compares a fingerprint
+    /// of its weights with rank 0's, so a divergence (a bug, a bad node) stops the job instead of silently
+    /// training different models.
+    fn check_replicas_agree(&mut self) -> Result<(), TrainError> {
+        let mut fp = [0f64; 2];
+        for (_, p) in self.opt.params() {
+            let d = p.detach().to_kind(Kind::Double);
+            fp[0] += d.sum(Kind::Double).double_value(&[]);
+            fp[1] += d.square().sum(Kind::Double).double_value(&[]);
+        }
+        let mine: Vec<u8> = fp.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut root = mine.clone();
+        self.comm.broadcast_bytes(&mut root, 0)?;
+        if root != mine {
+            return Err(TrainError::Setup(format!(
+                "rank {} holds different weights from rank 0 after step {} (fingerprint {:?} vs {:?})",
+                self.rank(),
+                self.state.step + 1,
+                fp,
+                root
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sums metric sums (and a count of non-finite ranks) over all ranks.
+    fn reduce_sums(
+        &mut self,
+        sums: &MetricSums,
+        bad: f64,
+    ) -> Result<(MetricSums, f64), TrainError> {
+        let mut v = sums.to_vec();
+        v.push(bad);
+        self.comm.all_reduce_sum_f64(&mut v)?;
+        let bad = v.pop().expect("pushed");
+        Ok((MetricSums::from_slice(&v), bad))
+    }
     fn examples(&mut self, rows: &[RowRef], eval: bool) -> Result<Vec<Example>, TrainError> {
         let src = if eval {
             self.eval.as_mut().expect("eval split")
@@ -190,11 +271,14 @@ impl Run<'_> {
     /// One optimizer step over the global batch `rows`. Returns the step's metric sums, the gradient norm
     /// (before clipping) and whether the update was applied.
     fn step(&mut self, rows: &[RowRef], lr: f64) -> Result<(MetricSums, f64, bool), TrainError> {
-        let global = rows.len() as f64;
+        // Each rank takes its equal share; its loss is a mean over its share, and the gradient all-reduce
+        // averages over ranks, so the result is the gradient of the global batch's mean loss.
+        let mine = self.my_share(rows);
+        let local = mine.len() as f64;
         let mut sums = MetricSums::default();
         let mut finite = true;
         self.opt.zero_grad();
-        for micro in rows.chunks(self.cfg.train.micro_batch_size) {
+        for micro in mine.chunks(self.cfg.train.micro_batch_size) {
             let exs = self.examples(micro, false)?;
             let batch = self.collate(&exs, false);
             let reference = self.reference.as_ref().map(|r| &r.1);
@@ -202,13 +286,23 @@ impl Run<'_> {
                 &self.model,
                 reference,
                 &batch,
-                global,
+                local,
                 &self.cfg.ddpo,
                 &mut sums,
             );
         }
+        let (sums, bad) = self.reduce_sums(&sums, if finite { 0.0 } else { 1.0 })?;
+        if self.world() > 1 {
+            let grads: Vec<Tensor> = self
+                .opt
+                .params()
+                .map(|(_, p)| p.grad())
+                .filter(|g| g.defined())
+                .collect();
+            self.comm.all_reduce_mean_tensors(&grads, BUCKET_BYTES)?;
+        }
         let norm = self.opt.grad_norm();
-        if !finite || !norm.is_finite() {
+        if bad > 0.0 || !norm.is_finite() {
             self.opt.zero_grad();
             return Ok((sums, norm, false));
         }
@@ -218,6 +312,9 @@ impl Run<'_> {
         }
         self.opt.update(lr);
         self.opt.zero_grad();
+        if self.world() > 1 {
+            self.check_replicas_agree()?;
+        }
         Ok((sums, norm, true))
     }
 
@@ -225,7 +322,8 @@ impl Run<'_> {
         let Some(eval) = self.eval.as_ref() else {
             return Ok(None);
         };
-        let rows: Vec<RowRef> = eval.rows().to_vec();
+        let all: Vec<RowRef> = eval.rows().to_vec();
+        let rows = self.my_share(&all);
         let mut sums = MetricSums::default();
         for micro in rows.chunks(self.cfg.train.micro_batch_size.max(1)) {
             let exs = self.examples(micro, true)?;
@@ -233,26 +331,36 @@ impl Run<'_> {
             let t = tch::no_grad(|| self.terms(&batch));
             sums.add(&t, batch.response_tokens);
         }
+        let (sums, _) = self.reduce_sums(&sums, 0.0)?;
         Ok(Some(sums))
     }
 
     fn write_metrics(&mut self, row: &serde_json::Value) -> Result<(), TrainError> {
         let path = self.cfg.train.output_dir.join("metrics.jsonl");
-        writeln!(self.metrics, "{row}")
-            .and_then(|_| self.metrics.flush())
+        let Some(f) = self.metrics.as_mut() else {
+            return Ok(());
+        };
+        writeln!(f, "{row}")
+            .and_then(|_| f.flush())
             .map_err(|source| TrainError::Io { path, source })
     }
 
-    fn checkpoint(&self) -> Result<PathBuf, TrainError> {
-        let model_dir = &self.cfg.model.path;
-        Ok(checkpoint::save(
-            &self.cfg.train.output_dir,
-            &self.vs,
-            model_dir,
-            &self.opt,
-            &self.state,
-            self.cfg.train.keep_last,
-        )?)
+    /// Rank 0 writes; every rank waits until it is complete. A failure on rank 0 reaches the others as an
+    /// error too (they stop at the barrier's timeout or on rank 0's closed connection).
+    fn checkpoint(&mut self) -> Result<PathBuf, TrainError> {
+        let dir = checkpoint::checkpoint_dir(&self.cfg.train.output_dir, self.state.step);
+        if self.rank() == 0 {
+            checkpoint::save(
+                &self.cfg.train.output_dir,
+                &self.vs,
+                &self.cfg.model.path,
+                &self.opt,
+                &self.state,
+                self.cfg.train.keep_last,
+            )?;
+        }
+        self.comm.barrier()?;
+        Ok(dir)
     }
 }
 
@@ -345,8 +453,20 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<(), TrainError> {
     })
 }
 
-/// Runs (or resumes) training as the config says.
+/// Runs (or resumes) training as the config says, in this process alone.
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainError> {
+    train_distributed(cfg, opts, &mut LocalCollective, &mut NoHooks)
+}
+
+/// Runs (or resumes) training as one rank of a data-parallel job: every rank calls this with the same config;
+/// `comm` connects them. In cached mode the cache must be complete (in one process it is computed first).
+pub fn train_distributed(
+    cfg: &Config,
+    opts: &TrainOptions,
+    comm: &mut dyn Collective,
+    hooks: &mut dyn TrainHooks,
+) -> Result<TrainReport, TrainError> {
+    let (rank, world) = (comm.rank(), comm.world_size());
     let device = opts.device;
     let kind = weight_kind(cfg.model.dtype, device);
     let out_dir = &cfg.train.output_dir;
@@ -368,7 +488,15 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainErro
             let cache = RefCache::open_for_device(cfg, device)?;
             let mut all = train_shards.clone();
             all.extend(eval_shards.iter().cloned());
-            if !cache.missing_shards(&all)?.is_empty() {
+            let missing = cache.missing_shards(&all)?;
+            if !missing.is_empty() {
+                if world > 1 {
+                    return Err(TrainError::Setup(format!(
+                        "the reference cache lacks {} shard(s) (first: {}); the coordinator precomputes before training",
+                        missing.len(),
+                        missing[0].display()
+                    )));
+                }
                 tracing::info!("reference cache incomplete: precomputing first");
                 refcache::precompute(cfg, device)?;
             }
@@ -402,6 +530,12 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainErro
 
     let n = train_src.rows().len();
     let bs = cfg.train.batch_size;
+    if bs % (world * cfg.train.micro_batch_size) != 0 {
+        return Err(TrainError::Setup(format!(
+            "train.batch_size = {bs} is not a multiple of train.micro_batch_size ({}) x world size ({world})",
+            cfg.train.micro_batch_size
+        )));
+    }
     let steps_per_epoch = n / bs;
     if steps_per_epoch == 0 {
         return Err(TrainError::Setup(format!(
@@ -412,18 +546,26 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainErro
     let warmup = schedule::warmup_steps(cfg.train.warmup_ratio, total_steps);
 
     // Resume from the newest complete checkpoint, if any.
+    if rank == 0 {
+        checkpoint::remove_stale_temps(out_dir);
+    }
     let latest = checkpoint::list(out_dir).pop();
     let (weights_dir, resumed) = match &latest {
         Some((_, dir)) => (dir.clone(), Some(checkpoint::read_state(dir)?)),
         None => (cfg.model.path.clone(), None),
     };
     if let Some(s) = &resumed {
-        if s.train_rows != n || s.total_steps != total_steps || s.seed != cfg.train.seed {
+        if s.train_rows != n
+            || s.total_steps != total_steps
+            || s.seed != cfg.train.seed
+            || s.steps_per_epoch != steps_per_epoch
+        {
             return Err(TrainError::Setup(format!(
-                "{}: the checkpoint was made with {} pairs, {} total steps, seed {}; this job has {n}, {total_steps}, {} \
+                "{}: the checkpoint was made with {} pairs, {} steps per epoch, {} total steps, seed {}; this job has {n}, {steps_per_epoch}, {total_steps}, {} \
                  — resuming would not continue the same run (use a new train.output_dir)",
                 weights_dir.display(),
                 s.train_rows,
+                s.steps_per_epoch,
                 s.total_steps,
                 s.seed,
                 cfg.train.seed
@@ -454,12 +596,16 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainErro
     let state = match &resumed {
         Some(s) => {
             opt.load(&weights_dir.join("optimizer.safetensors"))?;
-            truncate_metrics(&metrics_path, s.step)?;
+            if rank == 0 {
+                truncate_metrics(&metrics_path, s.step)?;
+            }
             tracing::info!(step = s.step, checkpoint = %weights_dir.display(), "resuming");
             s.clone()
         }
         None => {
-            let _ = std::fs::remove_file(&metrics_path);
+            if rank == 0 {
+                let _ = std::fs::remove_file(&metrics_path);
+            }
             TrainerState {
                 step: 0,
                 total_steps,
@@ -471,14 +617,22 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainErro
             }
         }
     };
-    let metrics = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&metrics_path)
-        .map_err(|source| TrainError::Io {
-            path: metrics_path.clone(),
-            source,
-        })?;
+    let metrics = if rank == 0 {
+        Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&metrics_path)
+                .map_err(|source| TrainError::Io {
+                    path: metrics_path.clone(),
+                    source,
+                })?,
+        )
+    } else {
+        None
+    };
+    // Every rank must have read the checkpoint and truncated nothing before rank 0 writes anything new.
+    comm.barrier()?;
     let reference_loaded = reference.is_some();
     let mut run = Run {
         cfg,
@@ -491,8 +645,11 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainErro
         eval: eval_src,
         metrics,
         state,
+        comm,
     };
     tracing::info!(
+        rank,
+        world,
         pairs = n,
         steps_per_epoch,
         total_steps,
@@ -514,7 +671,19 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainErro
         None
     };
     let t0 = Instant::now();
+    let mut stopped = false;
     while run.state.step < stop {
+        // Every rank must agree to stop at the same step boundary.
+        let mut flag = [if hooks.should_stop() { 1.0 } else { 0.0 }];
+        run.comm.all_reduce_sum_f64(&mut flag)?;
+        if flag[0] > 0.0 {
+            tracing::info!(
+                step = run.state.step,
+                "stop requested: checkpointing and ending"
+            );
+            stopped = true;
+            break;
+        }
         let step = run.state.step;
         let epoch = step / steps_per_epoch;
         let pos = step % steps_per_epoch;
@@ -553,6 +722,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainErro
             ],
         );
         run.write_metrics(&row)?;
+        hooks.on_step(done, total_steps, &named);
         last_metrics = named;
         let elapsed = t0.elapsed().as_secs_f64();
         let per_step = elapsed / (done - start_step) as f64;
@@ -564,10 +734,10 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainErro
                 .map(|x| x.1)
                 .unwrap_or(f64::NAN)
         };
-        if opts.progress_bar {
+        if opts.progress_bar && rank == 0 {
             draw_bar(done, stop, get("loss"), get("rewards/accuracies"), eta);
         }
-        if done % cfg.train.log_every == 0 || done == stop {
+        if rank == 0 && (done % cfg.train.log_every == 0 || done == stop) {
             if opts.progress_bar && done != stop {
                 eprintln!();
             }
@@ -597,6 +767,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainErro
                     .iter()
                     .find(|(k, _)| k == "eval/rewards/accuracies")
                     .map(|x| x.1);
+                hooks.on_step(done, total_steps, &named);
                 tracing::info!(
                     "eval at step {done}: loss {:.4} accuracy {:.3}",
                     named[0].1,
@@ -606,12 +777,16 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainErro
             }
         }
         if cfg.train.save_every > 0 && done % cfg.train.save_every == 0 && done < stop {
-            last_checkpoint = Some(run.checkpoint()?);
+            let dir = run.checkpoint()?;
+            hooks.on_checkpoint(done, &dir);
+            last_checkpoint = Some(dir);
             saved_at = Some(done);
         }
     }
     if saved_at != Some(run.state.step) {
-        last_checkpoint = Some(run.checkpoint()?);
+        let dir = run.checkpoint()?;
+        hooks.on_checkpoint(run.state.step, &dir);
+        last_checkpoint = Some(dir);
     }
     Ok(TrainReport {
         steps: run.state.step,
@@ -622,5 +797,6 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainReport, TrainErro
         last_metrics,
         last_eval,
         reference_loaded,
+        stopped,
     })
 }

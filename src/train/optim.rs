@@ -30,6 +30,9 @@ pub struct AdamWConfig {
 #[derive(Debug)]
 struct Slot {
     param: Tensor,
+    /// fp32 master copy of a low-precision (bf16) parameter: updates of lr·1 ≈ 5e-7 are far below half a
+    /// bf16 step and would round away if applied to the bf16 weights directly.
+    master: Option<Tensor>,
     m: Tensor,
     v: Tensor,
     decay: bool,
@@ -51,11 +54,13 @@ impl AdamW {
             .map(|(name, p)| {
                 let zeros = || Tensor::zeros_like(&p).to_kind(Kind::Float);
                 let decay = p.dim() > 1;
+                let master = (p.kind() != Kind::Float).then(|| p.detach().to_kind(Kind::Float));
                 (
                     name,
                     Slot {
                         m: zeros(),
                         v: zeros(),
+                        master,
                         param: p,
                         decay,
                     },
@@ -125,7 +130,11 @@ impl AdamW {
                     continue;
                 }
                 let g = g.to_kind(Kind::Float);
-                let mut p32 = s.param.to_kind(Kind::Float);
+                // fp32 parameters are updated in place; low-precision ones through their master copy.
+                let mut p32 = match &s.master {
+                    Some(m) => m.shallow_clone(),
+                    None => s.param.shallow_clone(),
+                };
                 if s.decay && c.weight_decay != 0.0 {
                     let _ = p32.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 }
@@ -135,7 +144,9 @@ impl AdamW {
                         .g_add_(&(g.square() * (1.0 - c.beta2)));
                 let denom = (s.v.sqrt() / bc2.sqrt()) + c.eps;
                 let _ = p32.g_add_(&(&s.m / denom * (-lr / bc1)));
-                s.param.copy_(&p32);
+                if s.master.is_some() {
+                    s.param.copy_(&p32);
+                }
             }
         });
     }
@@ -151,6 +162,9 @@ impl AdamW {
         for (k, s) in &self.slots {
             named.push((format!("m.{k}"), s.m.to_device(tch::Device::Cpu)));
             named.push((format!("v.{k}"), s.v.to_device(tch::Device::Cpu)));
+            if let Some(master) = &s.master {
+                named.push((format!("master.{k}"), master.to_device(tch::Device::Cpu)));
+            }
         }
         named.push(("step".into(), Tensor::from_slice(&[self.step as i64])));
         Tensor::write_safetensors(&named, path).map_err(|e| OptimError::State {
@@ -170,7 +184,10 @@ impl AdamW {
             .into_iter()
             .collect();
         let step = tensors.get("step").ok_or_else(|| err("no step".into()))?;
-        let step = i64::try_from(step.get(0)).map_err(|e| err(e.to_string()))?;
+        if step.numel() != 1 {
+            return Err(err("the step tensor is not a single value".into()));
+        }
+        let step = i64::try_from(step.reshape([-1]).get(0)).map_err(|e| err(e.to_string()))?;
         for (k, s) in self.slots.iter_mut() {
             for (which, dst) in [("m", &mut s.m), ("v", &mut s.v)] {
                 let src = tensors.get(&format!("{which}.{k}")).ok_or_else(|| {
@@ -187,8 +204,16 @@ impl AdamW {
                 }
                 dst.copy_(&src.to_device(dst.device()));
             }
+            if let Some(master) = s.master.as_mut() {
+                let src = tensors.get(&format!("master.{k}")).ok_or_else(|| {
+                    err(format!("no fp32 master weights for {k} (dtype changed?)"))
+                })?;
+                master.copy_(&src.to_device(master.device()));
+                tch::no_grad(|| s.param.copy_(&master.to_kind(s.param.kind())));
+            }
         }
-        let expected = 2 * self.slots.len() + 1;
+        let masters = self.slots.values().filter(|s| s.master.is_some()).count();
+        let expected = 2 * self.slots.len() + masters + 1;
         if tensors.len() != expected {
             return Err(err(format!(
                 "{} tensors but {} trainable variables need {expected} (trainable set changed?)",
@@ -204,6 +229,49 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// bf16 weights move at a paper-sized learning rate (through the fp32 master) and round-trip.
+    #[test]
+    fn bf16_parameters_learn_through_fp32_masters() {
+        let p = (Tensor::randn([64, 64], (Kind::Float, tch::Device::Cpu)) * 0.02)
+            .to_kind(Kind::BFloat16)
+            .set_requires_grad(true);
+        let before = p.detach().copy();
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        };
+        let mut opt = AdamW::new(BTreeMap::from([("w".to_string(), p.shallow_clone())]), cfg);
+        for _ in 0..200 {
+            opt.zero_grad();
+            p.to_kind(Kind::Float).sum(Kind::Float).backward();
+            opt.update(5e-7);
+        }
+        let master = opt.slots["w"].master.as_ref().unwrap();
+        // 200 steps of ~5e-7 move every master weight by ~1e-4, enough to change most bf16 values.
+        let moved = (master - before.to_kind(Kind::Float))
+            .abs()
+            .mean(Kind::Float)
+            .double_value(&[]);
+        assert!((moved - 1e-4).abs() < 2e-5, "master moved {moved}");
+        let changed = p
+            .detach()
+            .ne_tensor(&before)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        assert!(changed > 0.5, "only {changed} of the bf16 weights changed");
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("opt.safetensors");
+        opt.save(&f).unwrap();
+        let q = before.copy().set_requires_grad(true);
+        let mut opt2 = AdamW::new(BTreeMap::from([("w".to_string(), q.shallow_clone())]), cfg);
+        opt2.load(&f).unwrap();
+        assert!(opt2.slots["w"].master.as_ref().unwrap().equal(master));
+        assert!(q.detach().equal(&p.detach()));
+    }
 
     /// Two AdamW steps on f(p) = Σ (p·x)² against the update PyTorch computes, written out by hand.
     #[test]

@@ -1,0 +1,230 @@
+//! The coordinator: owns a job's state and hands out work over gRPC (service `ddpo.v1.Coordinator`).
+//!
+//! Phases: `waiting` (no worker yet) → `precompute` (every train/eval shard is leased to whichever worker
+//! asks; a lease returns to the queue when its worker stops heartbeating) → `training` (when `world_size`
+//! ready workers are waiting, they form a world: ranks, ring peers, a new generation) → `done` | `failed`.
+//!
+//! Invariants:
+//! - Every shard is completed exactly once per job; a lease belongs to one live worker at a time.
+//! - A world (generation) is broken as soon as one of its members dies or reports an error; its surviving
+//!   members are told to abort (heartbeat `abort`), and the next world resumes from the last complete
+//!   checkpoint (training always resumes from `train.output_dir`).
+//! - Requests from unknown workers, from workers of an older generation, or for a finished job are refused
+//!   with a gRPC status that says why; they never change the job.
+
+pub mod state;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::config::Config;
+use crate::rpc::pb;
+use state::Job;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The gRPC service over the shared job state.
+#[derive(Clone)]
+pub struct Service {
+    job: Arc<Mutex<Job>>,
+}
+
+impl Service {
+    pub fn new(job: Arc<Mutex<Job>>) -> Self {
+        Self { job }
+    }
+
+    fn job(&self) -> std::sync::MutexGuard<'_, Job> {
+        self.job.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for Service {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let r = req.into_inner();
+        let resp = self.job().register(r)?;
+        Ok(Response::new(resp))
+    }
+
+    async fn ready(
+        &self,
+        req: Request<pb::ReadyRequest>,
+    ) -> Result<Response<pb::ReadyResponse>, Status> {
+        let r = req.into_inner();
+        self.job().ready(&r.worker_id, &r.model_digest)?;
+        Ok(Response::new(pb::ReadyResponse {}))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let resp = self.job().heartbeat(req.into_inner())?;
+        Ok(Response::new(resp))
+    }
+
+    async fn next_task(
+        &self,
+        req: Request<pb::NextTaskRequest>,
+    ) -> Result<Response<pb::Task>, Status> {
+        let r = req.into_inner();
+        let task = self.job().next_task(&r.worker_id, &r.ring_address)?;
+        Ok(Response::new(task))
+    }
+
+    async fn complete_shard(
+        &self,
+        req: Request<pb::CompleteShardRequest>,
+    ) -> Result<Response<pb::CompleteShardResponse>, Status> {
+        self.job().complete_shard(req.into_inner())?;
+        Ok(Response::new(pb::CompleteShardResponse {}))
+    }
+
+    async fn publish_nccl_id(
+        &self,
+        req: Request<pb::PublishNcclIdRequest>,
+    ) -> Result<Response<pb::PublishNcclIdResponse>, Status> {
+        let r = req.into_inner();
+        self.job()
+            .publish_nccl_id(&r.worker_id, r.generation, r.nccl_id)?;
+        Ok(Response::new(pb::PublishNcclIdResponse {}))
+    }
+
+    async fn training_ended(
+        &self,
+        req: Request<pb::TrainingEndedRequest>,
+    ) -> Result<Response<pb::TrainingEndedResponse>, Status> {
+        self.job().training_ended(req.into_inner())?;
+        Ok(Response::new(pb::TrainingEndedResponse {}))
+    }
+
+    async fn get_status(
+        &self,
+        _req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        Ok(Response::new(self.job().status()))
+    }
+
+    type WatchStatusStream = StatusStream;
+
+    async fn watch_status(
+        &self,
+        req: Request<pb::WatchStatusRequest>,
+    ) -> Result<Response<Self::WatchStatusStream>, Status> {
+        let every =
+            Duration::from_millis(u64::from(req.into_inner().interval_millis).clamp(100, 60_000));
+        let job = self.job.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let (status, over) = {
+                    let j = job.lock().unwrap_or_else(|p| p.into_inner());
+                    (j.status(), j.is_over())
+                };
+                if tx.send(Ok(status)).await.is_err() || over {
+                    break;
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// Serves the job on `listener` until the job is over (and a grace period for workers to collect their
+/// `Exit`) or `shutdown` resolves. Returns whether the job succeeded.
+pub async fn serve(
+    cfg: Config,
+    config_toml: String,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    linger: Duration,
+) -> Result<bool, CoordinatorError> {
+    let job = Arc::new(Mutex::new(
+        Job::new(cfg, config_toml).map_err(CoordinatorError::Setup)?,
+    ));
+    let service = Service::new(job.clone());
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<pb::coordinator_server::CoordinatorServer<Service>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| CoordinatorError::Setup(format!("reflection: {e}")))?;
+
+    // Liveness sweep: expire leases and break worlds of workers that stopped heartbeating.
+    let sweeper = {
+        let job = job.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                job.lock().unwrap_or_else(|p| p.into_inner()).sweep();
+            }
+        })
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // Ends the server when the job is over (after workers had time to fetch their Exit) or on shutdown.
+    let ender = {
+        let job = job.clone();
+        tokio::spawn(async move {
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                        let over = job.lock().unwrap_or_else(|p| p.into_inner()).finished_and_drained(linger);
+                        if over { break; }
+                    }
+                }
+            }
+            let _ = stop_tx.send(());
+        })
+    };
+    let addr: SocketAddr = listener
+        .local_addr()
+        .map_err(|e| CoordinatorError::Listen {
+            addr: "?".into(),
+            source: e,
+        })?;
+    tracing::info!(%addr, "coordinator listening");
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(pb::coordinator_server::CoordinatorServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        })
+        .await?;
+    sweeper.abort();
+    ender.abort();
+    let j = job.lock().unwrap_or_else(|p| p.into_inner());
+    j.save_state();
+    Ok(j.succeeded())
+}

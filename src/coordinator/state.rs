@@ -1,0 +1,654 @@
+//! The job's state machine, separate from gRPC so it can be reasoned about (and tested) on its own.
+//! All methods run under one mutex; none blocks.
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tonic::Status;
+
+use crate::config::{Backend, Config};
+use crate::data::shards;
+use crate::rpc::pb;
+
+/// How many times a broken world is re-formed before the job is declared failed.
+const MAX_GENERATIONS: u64 = 20;
+/// After the job ends, how long workers get to collect their `Exit` before the server stops.
+const DRAIN: Duration = Duration::from_secs(3);
+/// Errors kept for the status endpoint.
+const KEEP_ERRORS: usize = 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    Waiting,
+    Precompute,
+    Training,
+    Done,
+    Failed,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::Waiting => "waiting",
+            Phase::Precompute => "precompute",
+            Phase::Training => "training",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Worker {
+    seq: u64,
+    hostname: String,
+    device: String,
+    ring_address: String,
+    pid: u32,
+    last_heartbeat: Instant,
+    alive: bool,
+    ready: bool,
+    state: String,
+    step: u64,
+    lease: Option<PathBuf>,
+    /// The generation this worker is a member of, if any.
+    generation: Option<u64>,
+    exited: bool,
+}
+
+#[derive(Debug)]
+struct World {
+    generation: u64,
+    /// Worker ids by rank.
+    members: Vec<String>,
+    nccl_id: Vec<u8>,
+    backend: &'static str,
+    finished: HashSet<String>,
+}
+
+/// What survives a coordinator restart (`<output_dir>/coordinator-state.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+struct Saved {
+    job_id: String,
+    generation: u64,
+    shards_done: Vec<PathBuf>,
+    done: bool,
+}
+
+pub struct Job {
+    cfg: Config,
+    config_toml: String,
+    job_id: String,
+    phase: Phase,
+    message: String,
+    generation: u64,
+    workers: BTreeMap<String, Worker>,
+    next_seq: u64,
+    model_digest: String,
+    shards_total: usize,
+    pending: VecDeque<PathBuf>,
+    leased: BTreeMap<PathBuf, String>,
+    done_shards: HashSet<PathBuf>,
+    skipped_rows: u64,
+    world: Option<World>,
+    step: u64,
+    total_steps: u64,
+    metrics: BTreeMap<String, f64>,
+    last_checkpoint: String,
+    errors: VecDeque<String>,
+    ended_at: Option<Instant>,
+    started: Instant,
+}
+
+/// sha256 over the model directory's config and tokenizer files: what a worker must see identically.
+pub fn model_digest(cfg: &Config) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
+        h.update(f.as_bytes());
+        match std::fs::read(cfg.model.path.join(f)) {
+            Ok(b) => h.update(&b),
+            Err(_) => h.update(b"<missing>"),
+        }
+    }
+    h.update(cfg.train.seed.to_le_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn state_path(cfg: &Config) -> PathBuf {
+    cfg.train.output_dir.join("coordinator-state.json")
+}
+
+impl Job {
+    /// A new job, or the job recorded in the output folder by a previous coordinator (restart).
+    pub fn new(cfg: Config, config_toml: String) -> Result<Self, String> {
+        let mut all = shards::discover(&cfg.data.train).map_err(|e| format!("data.train: {e}"))?;
+        if !cfg.data.eval.is_empty() {
+            all.extend(shards::discover(&cfg.data.eval).map_err(|e| format!("data.eval: {e}"))?);
+        }
+        let saved: Option<Saved> = std::fs::read_to_string(state_path(&cfg))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok());
+        let digest = model_digest(&cfg);
+        let job_id = saved
+            .as_ref()
+            .map(|s| s.job_id.clone())
+            .unwrap_or_else(|| format!("{}-{}", &digest[..12], std::process::id()));
+        let done_shards: HashSet<PathBuf> = saved
+            .as_ref()
+            .map(|s| s.shards_done.iter().cloned().collect())
+            .unwrap_or_default();
+        let pending: VecDeque<PathBuf> = all
+            .iter()
+            .filter(|s| !done_shards.contains(*s))
+            .cloned()
+            .collect();
+        if let Some(s) = &saved {
+            tracing::info!(
+                job = %s.job_id,
+                generation = s.generation,
+                shards_done = s.shards_done.len(),
+                "recovered the job from its state file"
+            );
+        }
+        let done = saved.as_ref().is_some_and(|s| s.done);
+        Ok(Self {
+            generation: saved.as_ref().map(|s| s.generation).unwrap_or(0),
+            phase: if done { Phase::Done } else { Phase::Waiting },
+            message: if done {
+                "the job had already finished".into()
+            } else {
+                "waiting for workers".into()
+            },
+            cfg,
+            config_toml,
+            job_id,
+            workers: BTreeMap::new(),
+            next_seq: 0,
+            model_digest: digest,
+            shards_total: all.len(),
+            pending,
+            leased: BTreeMap::new(),
+            done_shards,
+            skipped_rows: 0,
+            world: None,
+            step: 0,
+            total_steps: 0,
+            metrics: BTreeMap::new(),
+            last_checkpoint: String::new(),
+            errors: VecDeque::new(),
+            ended_at: if done { Some(Instant::now()) } else { None },
+            started: Instant::now(),
+        })
+    }
+
+    pub fn save_state(&self) {
+        let s = Saved {
+            job_id: self.job_id.clone(),
+            generation: self.generation,
+            shards_done: self.done_shards.iter().cloned().collect(),
+            done: self.phase == Phase::Done,
+        };
+        let p = state_path(&self.cfg);
+        let _ = std::fs::create_dir_all(&self.cfg.train.output_dir);
+        let tmp = p.with_extension("json.tmp");
+        if std::fs::write(&tmp, serde_json::to_vec_pretty(&s).expect("serialises")).is_ok() {
+            let _ = std::fs::rename(&tmp, &p);
+        }
+    }
+
+    fn error(&mut self, msg: String) {
+        tracing::warn!("{msg}");
+        self.errors.push_back(msg);
+        while self.errors.len() > KEEP_ERRORS {
+            self.errors.pop_front();
+        }
+    }
+
+    fn end(&mut self, phase: Phase, message: String) {
+        if self.ended_at.is_none() {
+            tracing::info!(phase = phase.name(), "{message}");
+            self.phase = phase;
+            self.message = message;
+            self.ended_at = Some(Instant::now());
+            self.save_state();
+        }
+    }
+
+    pub fn is_over(&self) -> bool {
+        matches!(self.phase, Phase::Done | Phase::Failed)
+    }
+
+    pub fn succeeded(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    /// Over, every live worker has collected its `Exit` (or the grace period passed), and `linger` has
+    /// passed since the end (so status readers see the final state).
+    pub fn finished_and_drained(&self, linger: Duration) -> bool {
+        let Some(t) = self.ended_at else { return false };
+        let all_out = self.workers.values().all(|w| w.exited || !w.alive);
+        (all_out || t.elapsed() > DRAIN) && t.elapsed() >= linger
+    }
+
+    fn worker(&mut self, id: &str) -> Result<&mut Worker, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument("worker_id is empty"));
+        }
+        match self.workers.get_mut(id) {
+            Some(w) if w.alive => Ok(w),
+            Some(_) => Err(Status::not_found(format!(
+                "worker {id} was declared dead (no heartbeat); register again"
+            ))),
+            None => Err(Status::not_found(format!(
+                "unknown worker {id}; register first"
+            ))),
+        }
+    }
+
+    pub fn register(&mut self, r: pb::RegisterRequest) -> Result<pb::RegisterResponse, Status> {
+        if self.is_over() {
+            return Err(Status::failed_precondition(format!(
+                "job {} is {} ({}); no more workers are needed",
+                self.job_id,
+                self.phase.name(),
+                self.message
+            )));
+        }
+        if r.hostname.is_empty() || r.device.is_empty() {
+            return Err(Status::invalid_argument("hostname and device are required"));
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let id = format!("w{seq}-{}", r.hostname);
+        tracing::info!(worker = %id, device = %r.device, ring = %r.ring_address, "worker registered");
+        self.workers.insert(
+            id.clone(),
+            Worker {
+                seq,
+                hostname: r.hostname,
+                device: r.device,
+                ring_address: r.ring_address,
+                pid: r.pid,
+                last_heartbeat: Instant::now(),
+                alive: true,
+                ready: false,
+                state: "registered".into(),
+                step: 0,
+                lease: None,
+                generation: None,
+                exited: false,
+            },
+        );
+        Ok(pb::RegisterResponse {
+            worker_id: id,
+            job_id: self.job_id.clone(),
+            config_toml: self.config_toml.clone(),
+            heartbeat_secs: self.cfg.cluster.heartbeat_secs as u32,
+        })
+    }
+
+    pub fn ready(&mut self, id: &str, digest: &str) -> Result<(), Status> {
+        let expected = self.model_digest.clone();
+        let w = self.worker(id)?;
+        if digest != expected {
+            w.alive = false;
+            let msg = format!(
+                "worker {id} sees a different model or seed (digest {}…, coordinator {}…): refused",
+                &digest.get(..12).unwrap_or(digest),
+                &expected[..12]
+            );
+            self.error(msg.clone());
+            return Err(Status::failed_precondition(msg));
+        }
+        w.ready = true;
+        w.state = "ready".into();
+        Ok(())
+    }
+
+    pub fn heartbeat(&mut self, r: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, Status> {
+        let current = self.world.as_ref().map(|w| w.generation);
+        let over = self.is_over();
+        let w = self.worker(&r.worker_id)?;
+        w.last_heartbeat = Instant::now();
+        w.state = r.state;
+        w.step = r.step;
+        // A member of a world that no longer exists must stop what it is doing.
+        let abort = w.generation.is_some() && w.generation != current || over;
+        let rank0 = current.is_some()
+            && self.world.as_ref().and_then(|wd| wd.members.first()) == Some(&r.worker_id);
+        if rank0 && !r.metrics.is_empty() {
+            self.step = r.step;
+            if let Some(t) = r.metrics.get("total_steps") {
+                self.total_steps = *t as u64;
+            }
+            self.metrics
+                .extend(r.metrics.into_iter().filter(|(k, _)| k != "total_steps"));
+        }
+        for e in r.errors {
+            let msg = format!("{}: {e}", r.worker_id);
+            self.error(msg);
+        }
+        Ok(pb::HeartbeatResponse {
+            generation: self.generation,
+            abort,
+        })
+    }
+
+    fn wait(millis: u32, reason: &str) -> pb::Task {
+        pb::Task {
+            kind: Some(pb::task::Kind::Wait(pb::Wait {
+                millis,
+                reason: reason.into(),
+            })),
+        }
+    }
+
+    pub fn next_task(&mut self, id: &str, ring_address: &str) -> Result<pb::Task, Status> {
+        let phase = self.phase;
+        let message = self.message.clone();
+        let w = self.worker(id)?;
+        if !ring_address.is_empty() {
+            w.ring_address = ring_address.to_string();
+        }
+        if !w.ready {
+            return Err(Status::failed_precondition(format!(
+                "worker {id} has not reported Ready"
+            )));
+        }
+        if matches!(phase, Phase::Done | Phase::Failed) {
+            w.exited = true;
+            return Ok(pb::Task {
+                kind: Some(pb::task::Kind::Exit(pb::Exit {
+                    reason: message,
+                    success: phase == Phase::Done,
+                })),
+            });
+        }
+        // A worker asking for work holds no lease and is in no world any more.
+        if let Some(s) = w.lease.take() {
+            self.leased.remove(&s);
+            self.pending.push_front(s);
+        }
+        if phase == Phase::Waiting {
+            self.phase = Phase::Precompute;
+            self.message = "computing reference log-probs".into();
+        }
+        if self.phase == Phase::Precompute {
+            if let Some(shard) = self.pending.pop_front() {
+                let w = self.workers.get_mut(id).expect("checked");
+                w.lease = Some(shard.clone());
+                w.state = "precomputing".into();
+                self.leased.insert(shard.clone(), id.to_string());
+                return Ok(pb::Task {
+                    kind: Some(pb::task::Kind::Precompute(pb::Precompute {
+                        shard_path: shard.display().to_string(),
+                    })),
+                });
+            }
+            if !self.leased.is_empty() {
+                return Ok(Self::wait(500, "other workers are finishing precompute"));
+            }
+            self.phase = Phase::Training;
+            self.message = "forming the training world".into();
+            self.save_state();
+        }
+        // Training: join the current world, or form one when enough workers are waiting.
+        if let Some(world) = &self.world {
+            if let Some(rank) = world.members.iter().position(|m| m == id) {
+                let w = self.workers.get_mut(id).expect("checked");
+                if w.generation == Some(world.generation) && world.finished.contains(id) {
+                    return Ok(Self::wait(500, "waiting for the other ranks to finish"));
+                }
+                w.generation = Some(world.generation);
+                w.state = "training".into();
+                let peers = world
+                    .members
+                    .iter()
+                    .map(|m| self.workers[m].ring_address.clone())
+                    .collect();
+                return Ok(pb::Task {
+                    kind: Some(pb::task::Kind::Train(pb::Train {
+                        generation: world.generation,
+                        rank: rank as u32,
+                        world_size: world.members.len() as u32,
+                        ring_peers: peers,
+                        nccl_id: world.nccl_id.clone(),
+                        backend: world.backend.into(),
+                    })),
+                });
+            }
+            return Ok(Self::wait(
+                1000,
+                "the training world is complete; standing by",
+            ));
+        }
+        let n = self.cfg.cluster.world_size;
+        let mut ready: Vec<(u64, String)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.alive && w.ready && !w.exited)
+            .map(|(k, w)| (w.seq, k.clone()))
+            .collect();
+        ready.sort();
+        if ready.len() < n {
+            self.message = format!("waiting for workers: {} of {n} ready", ready.len());
+            return Ok(Self::wait(500, &self.message.clone()));
+        }
+        if self.generation >= MAX_GENERATIONS {
+            self.end(
+                Phase::Failed,
+                format!("the training world broke {MAX_GENERATIONS} times; giving up (see recent errors)"),
+            );
+            return self.next_task(id, "");
+        }
+        self.generation += 1;
+        let members: Vec<String> = ready.into_iter().take(n).map(|(_, k)| k).collect();
+        let cuda = self.workers[&members[0]].device.starts_with("cuda");
+        let backend = match (self.cfg.cluster.backend, n) {
+            (_, 1) => "local",
+            (Backend::Nccl, _) => "nccl",
+            (Backend::Ring, _) => "ring",
+            (Backend::Auto, _) if cuda => "nccl",
+            (Backend::Auto, _) => "ring",
+        };
+        tracing::info!(
+            generation = self.generation,
+            ?members,
+            backend,
+            "training world formed"
+        );
+        self.world = Some(World {
+            generation: self.generation,
+            members,
+            nccl_id: Vec::new(),
+            backend,
+            finished: HashSet::new(),
+        });
+        self.message = format!("training (generation {})", self.generation);
+        self.save_state();
+        self.next_task(id, "")
+    }
+
+    pub fn complete_shard(&mut self, r: pb::CompleteShardRequest) -> Result<(), Status> {
+        let shard = PathBuf::from(&r.shard_path);
+        let w = self.worker(&r.worker_id)?;
+        if w.lease.as_ref() != Some(&shard) {
+            return Err(Status::failed_precondition(format!(
+                "worker {} does not hold a lease on {} (expired?)",
+                r.worker_id, r.shard_path
+            )));
+        }
+        w.lease = None;
+        w.state = "idle".into();
+        self.leased.remove(&shard);
+        if !r.error.is_empty() {
+            let msg = format!(
+                "{}: precompute of {} failed: {}",
+                r.worker_id, r.shard_path, r.error
+            );
+            self.error(msg.clone());
+            self.end(Phase::Failed, msg);
+            return Ok(());
+        }
+        self.skipped_rows += r.rows_skipped;
+        self.done_shards.insert(shard);
+        self.save_state();
+        Ok(())
+    }
+
+    pub fn publish_nccl_id(
+        &mut self,
+        id: &str,
+        generation: u64,
+        nccl_id: Vec<u8>,
+    ) -> Result<(), Status> {
+        self.worker(id)?;
+        let world = self
+            .world
+            .as_mut()
+            .filter(|w| w.generation == generation)
+            .ok_or_else(|| {
+                Status::failed_precondition(format!("generation {generation} is not current"))
+            })?;
+        if world.members.first().map(String::as_str) != Some(id) {
+            return Err(Status::permission_denied(format!(
+                "worker {id} is not rank 0 of generation {generation}; only rank 0 creates the NCCL id"
+            )));
+        }
+        if nccl_id.len() != 128 {
+            return Err(Status::invalid_argument(format!(
+                "an NCCL unique id has 128 bytes, got {}",
+                nccl_id.len()
+            )));
+        }
+        world.nccl_id = nccl_id;
+        Ok(())
+    }
+
+    /// Breaks the current world: its members abort and the next world re-forms from the checkpoint.
+    fn break_world(&mut self, why: String) {
+        if let Some(world) = self.world.take() {
+            self.error(format!("generation {} broken: {why}", world.generation));
+            self.message = format!("re-forming the training world after: {why}");
+        }
+    }
+
+    pub fn training_ended(&mut self, r: pb::TrainingEndedRequest) -> Result<(), Status> {
+        self.worker(&r.worker_id)?;
+        let Some(world) = self.world.as_mut().filter(|w| w.generation == r.generation) else {
+            // A report from an older generation changes nothing.
+            return Err(Status::failed_precondition(format!(
+                "generation {} is not current",
+                r.generation
+            )));
+        };
+        if !world.members.contains(&r.worker_id) {
+            return Err(Status::permission_denied(format!(
+                "worker {} is not a member of generation {}",
+                r.worker_id, r.generation
+            )));
+        }
+        if !r.last_checkpoint.is_empty() {
+            self.last_checkpoint = r.last_checkpoint.clone();
+        }
+        if !r.error.is_empty() {
+            let why = format!("{} failed: {}", r.worker_id, r.error);
+            self.break_world(why);
+            return Ok(());
+        }
+        if r.finished {
+            world.finished.insert(r.worker_id.clone());
+            if world.finished.len() == world.members.len() {
+                self.step = r.step;
+                self.end(Phase::Done, format!("training finished at step {}", r.step));
+            }
+        }
+        Ok(())
+    }
+
+    /// Declares workers dead after `heartbeat_timeout_secs` of silence: their leases go back to the queue,
+    /// and a world they belong to is broken.
+    pub fn sweep(&mut self) {
+        let timeout = Duration::from_secs(self.cfg.cluster.heartbeat_timeout_secs);
+        let dead: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.alive && !w.exited && w.last_heartbeat.elapsed() > timeout)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for id in dead {
+            let w = self.workers.get_mut(&id).expect("listed");
+            w.alive = false;
+            w.state = "dead".into();
+            let lease = w.lease.take();
+            self.error(format!("worker {id} stopped heartbeating; declared dead"));
+            if let Some(s) = lease {
+                self.leased.remove(&s);
+                self.pending.push_front(s);
+            }
+            if self
+                .world
+                .as_ref()
+                .is_some_and(|wd| wd.members.contains(&id))
+                && !self.is_over()
+            {
+                self.break_world(format!("worker {id} died"));
+            }
+        }
+    }
+
+    pub fn status(&self) -> pb::JobStatus {
+        let current = self.world.as_ref();
+        let workers = self
+            .workers
+            .iter()
+            .map(|(id, w)| pb::WorkerStatus {
+                worker_id: id.clone(),
+                hostname: w.hostname.clone(),
+                device: w.device.clone(),
+                state: w.state.clone(),
+                rank: current
+                    .and_then(|wd| wd.members.iter().position(|m| m == id))
+                    .map(|r| r as i32)
+                    .unwrap_or(-1),
+                seconds_since_heartbeat: w.last_heartbeat.elapsed().as_secs_f64(),
+                alive: w.alive,
+                pid: w.pid,
+            })
+            .collect();
+        let sps = self.metrics.get("samples_per_sec").copied().unwrap_or(0.0);
+        let remaining = self.total_steps.saturating_sub(self.step) as f64;
+        let eta = if sps > 0.0 {
+            remaining * self.cfg.train.batch_size as f64 / sps
+        } else {
+            0.0
+        };
+        pb::JobStatus {
+            job_id: self.job_id.clone(),
+            phase: self.phase.name().into(),
+            generation: self.generation,
+            world_size: self.cfg.cluster.world_size as u32,
+            workers,
+            step: self.step,
+            total_steps: self.total_steps,
+            epoch: self.metrics.get("epoch").copied().unwrap_or(0.0),
+            metrics: self.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            samples_per_sec: sps,
+            eta_secs: eta,
+            shards_done: self.done_shards.len() as u32,
+            shards_total: self.shards_total as u32,
+            last_checkpoint: self.last_checkpoint.clone(),
+            skipped_rows: self.skipped_rows,
+            recent_errors: self.errors.iter().cloned().collect(),
+            message: format!(
+                "{} (up {:.0} s)",
+                self.message,
+                self.started.elapsed().as_secs_f64()
+            ),
+        }
+    }
+}

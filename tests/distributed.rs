@@ -1,0 +1,344 @@
+//! The distributed job with real processes on loopback: a coordinator and CPU workers (TCP ring).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ddpo::rpc::pb;
+
+/// A child process killed when dropped, so a failing test leaves nothing running.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// Waits up to `limit` for the process to exit; its status, or a panic naming what hung.
+    fn wait(&mut self, limit: Duration, what: &str) -> std::process::ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                t.elapsed() < limit,
+                "{what} did not finish within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn bin(name: &str) -> PathBuf {
+    // CARGO_BIN_EXE_<name> is set for the package's binaries in integration tests.
+    match name {
+        "coordinator" => PathBuf::from(env!("CARGO_BIN_EXE_coordinator")),
+        "worker" => PathBuf::from(env!("CARGO_BIN_EXE_worker")),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_ddpo")),
+    }
+}
+
+struct Job {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Job {
+    fn new(pairs: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        ddpo::model::preset::init_model(&root.join("model"), "tiny", 0).unwrap();
+        for (prefix, n, seed) in [("train", pairs, 1), ("eval", 16, 2)] {
+            ddpo::data::synth::write_synthetic(&ddpo::data::synth::SynthOptions {
+                out_dir: root.join("data"),
+                pairs: n,
+                shards: 2,
+                seed,
+                image_size: 48,
+                rows_per_group: 8,
+                prefix: prefix.into(),
+                difficulty: ddpo::data::synth::Difficulty::Easy,
+            })
+            .unwrap();
+        }
+        Job { _dir: dir, root }
+    }
+
+    fn config(&self, name: &str, world: usize, extra: &str) -> PathBuf {
+        let r = self.root.display();
+        let text = format!(
+            "[model]\npath = \"{r}/model\"\n[reference]\ncache_dir = \"{r}/cache\"\n\
+             [data]\ntrain = [\"{r}/data/train-*.parquet\"]\neval = [\"{r}/data/eval-*.parquet\"]\nmax_length = 256\n\
+             [train]\nbatch_size = 8\nmicro_batch_size = 2\nepochs = 1\nlr = 1e-3\nwarmup_ratio = 0.0\nseed = 5\n\
+             output_dir = \"{r}/{name}\"\nsave_every = 2\n\
+             [cluster]\nworld_size = {world}\nbackend = \"ring\"\nheartbeat_secs = 1\nheartbeat_timeout_secs = 5\n\
+             collective_timeout_secs = 20\n{extra}\n"
+        );
+        let p = self.root.join(format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// Starts a coordinator on a free port; returns it and its URL.
+    fn coordinator(&self, config: &Path, local_workers: usize) -> (Proc, String) {
+        let addr_file = config.with_extension("addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let child = Command::new(bin("coordinator"))
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--local-workers", &local_workers.to_string()])
+            .args(["--address-file", addr_file.to_str().unwrap()])
+            .args(["--linger-secs", "8"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        let addr = loop {
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                if !a.is_empty() {
+                    break a;
+                }
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "coordinator did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (Proc(child), format!("http://{addr}"))
+    }
+}
+
+fn weights(dir: &Path) -> Vec<(String, tch::Tensor)> {
+    let mut v = tch::Tensor::read_safetensors(dir.join("model.safetensors")).unwrap();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Two ranks with a global batch of 8 train the same model as one process with a batch of 8. (Every rank
+/// also checks after every step that its weights equal rank 0's — the job would fail otherwise.)
+#[test]
+fn two_workers_match_one_process() {
+    let job = Job::new(32);
+    let dist = job.config("dist", 2, "");
+    let (mut coord, _url) = job.coordinator(&dist, 2);
+    let status = coord.wait(Duration::from_secs(300), "the 2-worker job");
+    assert!(status.success(), "coordinator exited with {status}");
+
+    let single = job.config("single", 1, "");
+    let o = Command::new(bin("ddpo"))
+        .args([
+            "train",
+            "--config",
+            single.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let (md, ms) = (
+        metrics(&job.root.join("dist")),
+        metrics(&job.root.join("single")),
+    );
+    assert_eq!(md.len(), ms.len());
+    for (a, b) in md.iter().zip(&ms) {
+        for k in ["loss", "rewards/margins", "eval/loss"] {
+            if let (Some(x), Some(y)) = (a[k].as_f64(), b[k].as_f64()) {
+                assert!(
+                    (x - y).abs() < 1e-5,
+                    "step {}: {k} {x} (2 ranks) vs {y} (1 process)",
+                    a["step"]
+                );
+            }
+        }
+    }
+    let (wd, ws) = (
+        weights(&job.root.join("dist/checkpoint-4")),
+        weights(&job.root.join("single/checkpoint-4")),
+    );
+    let (mut worst, mut total, mut n) = (0f64, 0f64, 0f64);
+    for ((na, a), (nb, b)) in wd.iter().zip(&ws) {
+        assert_eq!(na, nb);
+        let d = (a - b).abs();
+        worst = worst.max(d.max().double_value(&[]));
+        total += d.sum(tch::Kind::Double).double_value(&[]);
+        n += a.numel() as f64;
+    }
+    eprintln!(
+        "2 ranks vs 1 process after 4 steps: max |Δw| {worst:.3e}, mean |Δw| {:.3e}",
+        total / n
+    );
+    // Adam's update is ±lr where a gradient is ~0, so summation-order noise can move single elements by up
+    // to a few lr; on average the weights must agree to float precision.
+    assert!(worst <= 4.0 * 1e-3 + 1e-6, "max weight difference {worst}");
+    assert!(total / n < 1e-6, "mean weight difference {}", total / n);
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The status endpoint answers in every phase; bad requests are refused with a clear status and do not
+/// harm the job; a worker that comes after the end is refused.
+#[test]
+fn status_and_bad_requests() {
+    // Enough data that precompute and training last several status intervals.
+    let job = Job::new(256);
+    let cfg = job.config("status", 1, "");
+    let (mut coord, url) = job.coordinator(&cfg, 0);
+    rt().block_on(async {
+        let mut c = pb::coordinator_client::CoordinatorClient::connect(url.clone())
+            .await
+            .unwrap();
+        let s = c
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(s.phase, "waiting");
+        assert_eq!(s.shards_total, 4);
+        // Malformed and unknown requests.
+        let e = c
+            .register(pb::RegisterRequest {
+                hostname: String::new(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        let e = c
+            .next_task(pb::NextTaskRequest {
+                worker_id: "w99-nobody".into(),
+                ring_address: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+        assert!(e.message().contains("unknown worker w99-nobody"), "{e}");
+        // A worker that sees a different model is refused at Ready.
+        let r = c
+            .register(pb::RegisterRequest {
+                hostname: "impostor".into(),
+                device: "cpu".into(),
+                ring_address: "127.0.0.1:1".into(),
+                pid: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let e = c
+            .ready(pb::ReadyRequest {
+                worker_id: r.worker_id.clone(),
+                model_digest: "0".repeat(64),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        assert!(e.message().contains("different model"), "{e}");
+        // Only rank 0 of the current generation may publish an NCCL id.
+        let e = c
+            .publish_nccl_id(pb::PublishNcclIdRequest {
+                worker_id: r.worker_id,
+                generation: 7,
+                nccl_id: vec![0; 128],
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e.code(),
+                tonic::Code::NotFound | tonic::Code::FailedPrecondition
+            ),
+            "{e}"
+        );
+    });
+    // Now a real worker runs the whole job; a `ddpo status --watch` stream follows it through every phase.
+    let watcher = Command::new(bin("ddpo"))
+        .args([
+            "status",
+            "--coordinator",
+            &url,
+            "--json",
+            "--watch",
+            "--interval-ms",
+            "100",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut watcher = Proc(watcher);
+    let stdout = watcher.0.stdout.take().unwrap();
+    let mut worker = Proc(
+        Command::new(bin("worker"))
+            .args([
+                "--coordinator",
+                &url,
+                "--device",
+                "cpu",
+                "--ring-bind",
+                "127.0.0.1:0",
+            ])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut phases = std::collections::BTreeSet::new();
+    let mut saw_step = false;
+    use std::io::BufRead;
+    for line in std::io::BufReader::new(stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+        let phase = v["phase"].as_str().unwrap().to_string();
+        saw_step |= phase == "training" && v["step"].as_u64().unwrap_or(0) > 0;
+        phases.insert(phase.clone());
+        if phase == "done" {
+            break;
+        }
+    }
+    // A worker arriving after the end is refused with a clear status.
+    let late = rt().block_on(async {
+        let mut c = pb::coordinator_client::CoordinatorClient::connect(url.clone())
+            .await
+            .unwrap();
+        c.register(pb::RegisterRequest {
+            hostname: "late".into(),
+            device: "cpu".into(),
+            ring_address: "127.0.0.1:1".into(),
+            pid: 2,
+        })
+        .await
+        .unwrap_err()
+    });
+    assert_eq!(late.code(), tonic::Code::FailedPrecondition, "{late}");
+    assert!(late.message().contains("no more workers"), "{late}");
+    eprintln!("phases seen: {phases:?}");
+    for p in ["waiting", "precompute", "training", "done"] {
+        assert!(phases.contains(p), "status never showed {p}: {phases:?}");
+    }
+    assert!(saw_step, "status never showed training progress");
+    assert!(worker.wait(Duration::from_secs(30), "worker").success());
+    assert!(coord.wait(Duration::from_secs(20), "coordinator").success());
+    assert!(job.root.join("status/metrics.jsonl").exists());
+}
