@@ -599,6 +599,40 @@ fn ring_child() {
     }
 }
 
+/// The children's tagged lines, taken phase by phase (a fast rank may report its next phase early).
+struct Reports {
+    rx: mpsc::Receiver<(usize, String, Instant)>,
+    pending: Vec<(usize, String, Instant)>,
+    deadline: Instant,
+}
+
+impl Reports {
+    /// One `what` report from each of `n` ranks: (rank, rest of the line, when it arrived), by rank.
+    fn take(&mut self, what: &str, n: usize) -> Vec<(usize, String, Instant)> {
+        let mut got: Vec<(usize, String, Instant)> = Vec::new();
+        loop {
+            while let Some(i) = self
+                .pending
+                .iter()
+                .position(|(r, m, _)| m.starts_with(what) && !got.iter().any(|g| g.0 == *r))
+            {
+                let (r, m, t) = self.pending.remove(i);
+                got.push((r, m[what.len()..].trim().to_string(), t));
+            }
+            if got.len() >= n {
+                got.sort_by_key(|g| g.0);
+                return got;
+            }
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            let msg = self
+                .rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("children did not report {what}: {got:?}"));
+            self.pending.push(msg);
+        }
+    }
+}
+
 /// Kills the children still running when dropped (a failed assertion must not leave processes behind).
 struct Children(Vec<Child>);
 
@@ -646,23 +680,12 @@ fn ring_across_processes_survives_sigkill() {
         });
         children.0.push(child);
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let expect = |what: &str, n: usize| -> Vec<(usize, String, Instant)> {
-        let mut got = Vec::new();
-        while got.len() < n {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let (r, msg, t) = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("children did not report {what}"));
-            assert!(
-                msg.starts_with(what),
-                "rank {r}: expected {what}, got {msg}"
-            );
-            got.push((r, msg[what.len()..].trim().to_string(), t));
-        }
-        got.sort_by_key(|g| g.0);
-        got
+    let mut reports = Reports {
+        rx,
+        pending: Vec::new(),
+        deadline: Instant::now() + Duration::from_secs(60),
     };
+    let mut expect = |what: &str, n: usize| reports.take(what, n);
     let addrs: Vec<String> = expect("addr", world).into_iter().map(|g| g.1).collect();
     for s in &mut stdins {
         writeln!(s, "{}", addrs.join(",")).unwrap();

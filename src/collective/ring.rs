@@ -28,9 +28,10 @@
 //! Every operation starts with a small header exchange (operation, element size, length, root, call number,
 //! generation) so ranks that disagree fail with [`CollectiveError::Mismatch`] instead of exchanging garbage.
 //! While waiting, the socket to next is also watched for hang-up, so a peer that dies is reported by both its
-//! neighbours by rank. The timeout is a no-progress timeout: an operation fails when for `timeout` no byte
-//! arrived from prev and no segment was completely handed to next (a 256 MB all-reduce may take longer than
-//! `timeout` in total; the trickle that a hung peer's kernel still accepts does not count). After any error the collective is
+//! neighbours by rank. The timeout is a no-progress timeout: an operation fails when no byte has arrived from
+//! prev for `timeout` (a 256 MB all-reduce may take longer than `timeout` in total; a rank that only sends,
+//! the broadcast root, must finish within `timeout`). Bytes taken by next do not count: a hung peer's kernel
+//! still accepts data now and then long after the peer stopped reading. After any error the collective is
 //! broken (every later call fails); on a mismatch it also shuts its sockets so the other ranks fail fast.
 
 use std::io::{self, Read, Write};
@@ -316,9 +317,9 @@ fn run_plan(
         op: op.to_string(),
     };
     loop {
-        // `moved`: some bytes went either way (try again before polling). `alive`: bytes arrived from prev or
-        // a send item was fully handed to the kernel — what resets the timeout. Partial writes do not: a hung
-        // peer's kernel keeps taking small pieces now and then (zero-window probes) long after it stopped reading.
+        // `moved`: some bytes went either way (try again before polling). `alive`: bytes arrived from prev —
+        // what resets the timeout. Writes do not: a hung peer's kernel still takes data now and then (window
+        // probes, receive-queue collapsing) long after the peer stopped reading.
         let (mut moved, mut alive) = (false, false);
         let mut want_out = false;
         while si < sends.len() {
@@ -338,7 +339,6 @@ fn run_plan(
                     if it.start + soff == it.end {
                         si += 1;
                         soff = 0;
-                        alive = true;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -398,9 +398,6 @@ fn run_plan(
             return Ok(());
         }
         if alive {
-            if last_progress.elapsed() > Duration::from_millis(300) {
-                eprintln!("DBG {op} next {} prev {} progress after {:?} si {si}/{} ri {ri}/{} soff {soff} roff {roff}", next.peer, prev.peer, last_progress.elapsed(), sends.len(), recvs.len());
-            }
             last_progress = Instant::now();
         }
         if moved {

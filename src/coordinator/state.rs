@@ -351,6 +351,8 @@ impl Job {
         let phase = self.phase;
         let message = self.message.clone();
         let w = self.worker(id)?;
+        // Asking for work is a sign of life too.
+        w.last_heartbeat = Instant::now();
         if !ring_address.is_empty() {
             w.ring_address = ring_address.to_string();
         }
@@ -368,7 +370,9 @@ impl Job {
                 })),
             });
         }
-        // A worker asking for work holds no lease and is in no world any more.
+        // A worker asking for work holds no lease and is not training (it may join the current world
+        // again below).
+        let was_in = w.generation.take();
         if let Some(s) = w.lease.take() {
             self.leased.remove(&s);
             self.pending.push_front(s);
@@ -400,8 +404,12 @@ impl Job {
         if let Some(world) = &self.world {
             if let Some(rank) = world.members.iter().position(|m| m == id) {
                 let w = self.workers.get_mut(id).expect("checked");
-                if w.generation == Some(world.generation) && world.finished.contains(id) {
-                    return Ok(Self::wait(500, "waiting for the other ranks to finish"));
+                if was_in == Some(world.generation) || world.finished.contains(id) {
+                    // It already ran in this world (finished, or failed without saying so): the world
+                    // cannot continue without it restarting its part.
+                    if world.finished.contains(id) {
+                        return Ok(Self::wait(500, "waiting for the other ranks to finish"));
+                    }
                 }
                 w.generation = Some(world.generation);
                 w.state = "training".into();
@@ -427,10 +435,19 @@ impl Job {
             ));
         }
         let n = self.cfg.cluster.world_size;
+        // Only workers heard from recently join a world: one that just died is not yet declared dead by
+        // the sweep, and a world formed with it would only break again at the collective timeout.
+        let fresh = Duration::from_secs(2 * self.cfg.cluster.heartbeat_secs + 1);
         let mut ready: Vec<(u64, String)> = self
             .workers
             .iter()
-            .filter(|(_, w)| w.alive && w.ready && !w.exited)
+            .filter(|(_, w)| {
+                w.alive
+                    && w.ready
+                    && !w.exited
+                    && w.generation.is_none()
+                    && w.last_heartbeat.elapsed() < fresh
+            })
             .map(|(k, w)| (w.seq, k.clone()))
             .collect();
         ready.sort();
@@ -538,7 +555,8 @@ impl Job {
     }
 
     pub fn training_ended(&mut self, r: pb::TrainingEndedRequest) -> Result<(), Status> {
-        self.worker(&r.worker_id)?;
+        // Whatever the outcome, this worker is no longer training.
+        self.worker(&r.worker_id)?.generation = None;
         let Some(world) = self.world.as_mut().filter(|w| w.generation == r.generation) else {
             // A report from an older generation changes nothing.
             return Err(Status::failed_precondition(format!(
