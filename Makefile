@@ -26,13 +26,7 @@ lint: setup
 	$(CARGO) clippy --all-targets -- -D warnings
 
 demo: build
-	rm -rf $(DEMO)
-	$(BIN)/ddpo init-model --out $(DEMO)/model --preset tiny
-	$(BIN)/ddpo synth --out $(DEMO)/data --pairs 1024 --shards 2 --seed 1 --image-size 48 --difficulty easy
-	$(BIN)/ddpo synth --out $(DEMO)/data --pairs 128 --shards 1 --seed 2 --image-size 48 --difficulty easy --prefix eval
-	$(BIN)/ddpo validate --config configs/tiny-cpu.toml
-	$(BIN)/ddpo precompute --config configs/tiny-cpu.toml --device cpu
-	$(BIN)/ddpo train --config configs/tiny-cpu.toml --device cpu
+	BIN=$(BIN) scripts/demo.sh
 
 # Data-pipeline throughput on one core (see BENCHMARKS.md).
 bench-forward: setup

@@ -555,3 +555,51 @@ fn training_survives_a_killed_worker() {
         .collect();
     assert_eq!(steps, (1..=64).collect::<Vec<_>>());
 }
+
+/// A generic gRPC client (Python grpcio) sees the standard health service answer SERVING and finds the
+/// service through server reflection.
+#[test]
+fn health_and_reflection_answer_a_generic_client() {
+    let job = Job::new(16);
+    let cfg = job.config("probe", 1, "");
+    let (_coord, url) = job.coordinator(&cfg, 0);
+    let py = std::env::var("DDPO_PYTHON").unwrap_or_else(|_| "python3".into());
+    let o = Command::new(&py)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracles/grpc_probe.py"))
+        .arg(url.trim_start_matches("http://"))
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {py} (set DDPO_PYTHON to the project venv): {e}"));
+    assert!(
+        o.status.success(),
+        "the grpcio probe failed (is grpcio installed? run scripts/setup.sh):\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["health[]"], "SERVING", "{v}");
+    assert_eq!(v["health[ddpo.v1.Coordinator]"], "SERVING", "{v}");
+    let services: Vec<&str> = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert!(
+        services.contains(&"ddpo.v1.Coordinator") && services.contains(&"grpc.health.v1.Health"),
+        "{v}"
+    );
+    let methods: Vec<&str> = v["coordinator_methods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    for m in [
+        "Register",
+        "Heartbeat",
+        "NextTask",
+        "GetStatus",
+        "WatchStatus",
+    ] {
+        assert!(methods.contains(&m), "reflection lacks {m}: {v}");
+    }
+}

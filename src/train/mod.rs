@@ -722,7 +722,17 @@ pub fn train_distributed(
             ],
         );
         run.write_metrics(&row)?;
-        hooks.on_step(done, total_steps, &named);
+        let mut for_hooks = named.clone();
+        for (k, v) in [
+            ("epoch", done as f64 / steps_per_epoch as f64),
+            ("grad_norm", norm),
+            ("lr", lr),
+            ("samples_per_sec", bs as f64 / secs),
+            ("tokens_per_sec", sums.tokens / secs),
+        ] {
+            for_hooks.push((k.to_string(), v));
+        }
+        hooks.on_step(done, total_steps, &for_hooks);
         last_metrics = named;
         let elapsed = t0.elapsed().as_secs_f64();
         let per_step = elapsed / (done - start_step) as f64;
