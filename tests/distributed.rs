@@ -603,3 +603,70 @@ fn health_and_reflection_answer_a_generic_client() {
         assert!(methods.contains(&m), "reflection lacks {m}: {v}");
     }
 }
+
+/// The coordinator is SIGKILLed mid-training and started again on the same address: it recovers the job
+/// from its state file and the output folder, the workers re-register, and the job finishes.
+#[test]
+fn restarted_coordinator_recovers_the_job() {
+    let job = Job::new(128);
+    let cfg = job.config("restart", 2, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            "batch_size = 8\nmicro_batch_size = 2\nepochs = 1",
+            "batch_size = 4\nmicro_batch_size = 2\nepochs = 2",
+        )
+        .replace("save_every = 2", "save_every = 4");
+    std::fs::write(&cfg, &text).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let start = || {
+        Proc(
+            Command::new(bin("coordinator"))
+                .args([
+                    "--config",
+                    cfg.to_str().unwrap(),
+                    "--listen",
+                    &addr,
+                    "--linger-secs",
+                    "1",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let mut first = start();
+    let url = format!("http://{addr}");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut a = worker(&url);
+    let mut b = worker(&url);
+    let out = job.root.join("restart");
+    let t = Instant::now();
+    while !out.join("checkpoint-8").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "training never reached step 8"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    kill9(&mut first);
+    assert!(out.join("coordinator-state.json").exists());
+    let mut second = start();
+    let code = second.wait(Duration::from_secs(240), "the restarted coordinator");
+    assert!(code.success(), "restarted coordinator: {code}");
+    assert!(a.wait(Duration::from_secs(30), "worker a").success());
+    assert!(b.wait(Duration::from_secs(30), "worker b").success());
+    assert!(out.join("checkpoint-64").exists());
+    let steps: Vec<u64> = metrics(&out)
+        .iter()
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=64).collect::<Vec<_>>());
+}

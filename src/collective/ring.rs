@@ -421,22 +421,34 @@ fn run_plan(
                 detail,
             });
         }
-        // Next never sends on its link after the handshake: readable there means it hung up.
-        let mut fds = [
-            libc::pollfd {
+        // Next never sends on its link after the handshake: readable there means it hung up. Watched only
+        // while we still have bytes for it: once our sends are done, next may finish and exit normally.
+        let watch_next = si < sends.len();
+        let mut fds = Vec::with_capacity(2);
+        if watch_next {
+            let out = if want_out { libc::POLLOUT } else { 0 };
+            fds.push(libc::pollfd {
                 fd: next.stream.as_raw_fd(),
-                events: libc::POLLIN | if want_out { libc::POLLOUT } else { 0 },
+                events: libc::POLLIN | out,
                 revents: 0,
-            },
-            libc::pollfd {
+            });
+        }
+        if want_in {
+            fds.push(libc::pollfd {
                 fd: prev.stream.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
-            },
-        ];
-        let nfds = if want_in { 2 } else { 1 };
-        // SAFETY: fds is a valid array of at least nfds pollfd structs.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), nfds, poll_ms(timeout - waited)) };
+            });
+        }
+        debug_assert!(!fds.is_empty(), "ring engine waiting on nothing");
+        // SAFETY: fds is a valid array of fds.len() pollfd structs.
+        let r = unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                poll_ms(timeout - waited),
+            )
+        };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
@@ -444,10 +456,10 @@ fn run_plan(
             }
             continue;
         }
-        if want_in && fds[1].revents != 0 {
+        if want_in && fds.last().is_some_and(|f| f.revents != 0) {
             continue; // the read above will see data, end of stream or the error
         }
-        if fds[0].revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0 {
+        if watch_next && fds[0].revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0 {
             let mut probe = [0u8; 1];
             match (&next.stream).read(&mut probe) {
                 Ok(0) => return Err(closed(next.peer)),

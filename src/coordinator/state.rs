@@ -101,6 +101,7 @@ pub struct Job {
     errors: VecDeque<String>,
     ended_at: Option<Instant>,
     started: Instant,
+    incarnation: String,
 }
 
 /// sha256 over the model directory's config and tokenizer files: what a worker must see identically.
@@ -182,6 +183,13 @@ impl Job {
             errors: VecDeque::new(),
             ended_at: if done { Some(Instant::now()) } else { None },
             started: Instant::now(),
+            incarnation: format!(
+                "{:x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64 & 0xffffff)
+                    .unwrap_or(0)
+            ),
         })
     }
 
@@ -263,7 +271,9 @@ impl Job {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
-        let id = format!("w{seq}-{}", r.hostname);
+        // The incarnation tag keeps ids unique across coordinator restarts: a worker of the previous
+        // incarnation is then unknown (and re-registers) instead of being mistaken for a new one.
+        let id = format!("w{seq}-{}-{}", r.hostname, self.incarnation);
         tracing::info!(worker = %id, device = %r.device, ring = %r.ring_address, "worker registered");
         self.workers.insert(
             id.clone(),
@@ -584,6 +594,13 @@ impl Job {
                 self.step = r.step;
                 self.end(Phase::Done, format!("training finished at step {}", r.step));
             }
+        } else {
+            // Stopped early (SIGTERM) with a checkpoint: the world cannot go on without this rank.
+            let why = format!(
+                "{} stopped at step {} (checkpoint written)",
+                r.worker_id, r.step
+            );
+            self.break_world(why);
         }
         Ok(())
     }

@@ -136,35 +136,10 @@ pub async fn run(opts: WorkerOptions) -> Result<bool, WorkerError> {
     // Register and load the job.
     let mut listener = RingCollective::listen(opts.ring_bind)
         .map_err(|e| WorkerError::Setup(format!("ring listener on {}: {e}", opts.ring_bind)))?;
-    let reg = client
-        .register(pb::RegisterRequest {
-            hostname: hostname.clone(),
-            device: device_name(opts.device),
-            ring_address: listener.local_addr().to_string(),
-            pid: std::process::id(),
-        })
-        .await
-        .map_err(|s| WorkerError::Refused(s.message().to_string()))?
-        .into_inner();
-    let cfg = Config::from_toml_str(&reg.config_toml, std::path::Path::new("<coordinator>"), &[])
-        .map_err(|e| WorkerError::Setup(e.to_string()))?;
-    let problems = cfg.check_files();
-    if !problems.is_empty() {
-        return Err(WorkerError::Setup(format!(
-            "this machine cannot see the job's files: {}",
-            problems.join("; ")
-        )));
-    }
+    let (reg, cfg) = register(&mut client, &hostname, &opts, &listener).await?;
     *shared.worker_id.lock().unwrap_or_else(|p| p.into_inner()) = reg.worker_id.clone();
-    let id = reg.worker_id.clone();
+    let mut id = reg.worker_id.clone();
     tracing::info!(worker = %id, job = %reg.job_id, "registered");
-    client
-        .ready(pb::ReadyRequest {
-            worker_id: id.clone(),
-            model_digest: crate::coordinator::state::model_digest(&cfg),
-        })
-        .await
-        .map_err(|s| WorkerError::Refused(s.message().to_string()))?;
 
     // Heartbeats.
     let hb = {
@@ -220,6 +195,17 @@ pub async fn run(opts: WorkerOptions) -> Result<bool, WorkerError> {
                 tracing::warn!("coordinator unavailable ({}); retrying", s.message());
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 client = connect(&url, opts.give_up_after).await?;
+                continue;
+            }
+            Err(s) if s.code() == Code::NotFound => {
+                // A restarted coordinator (or one that declared us dead) does not know this id: join again.
+                tracing::warn!(
+                    "coordinator does not know worker {id} ({}); registering again",
+                    s.message()
+                );
+                let (reg, _) = register(&mut client, &hostname, &opts, &listener).await?;
+                id = reg.worker_id.clone();
+                *shared.worker_id.lock().unwrap_or_else(|p| p.into_inner()) = id.clone();
                 continue;
             }
             Err(s) => break Err(WorkerError::Refused(s.message().to_string())),
@@ -367,6 +353,43 @@ pub async fn run(opts: WorkerOptions) -> Result<bool, WorkerError> {
     };
     hb.abort();
     result
+}
+
+/// Registers, loads the job config the coordinator sends, checks this machine sees its files, and reports
+/// the model digest (the coordinator refuses a worker that sees a different model).
+async fn register(
+    client: &mut CoordinatorClient<Channel>,
+    hostname: &str,
+    opts: &WorkerOptions,
+    listener: &crate::collective::ring::RingListener,
+) -> Result<(pb::RegisterResponse, Config), WorkerError> {
+    let reg = client
+        .register(pb::RegisterRequest {
+            hostname: hostname.to_string(),
+            device: device_name(opts.device),
+            ring_address: listener.local_addr().to_string(),
+            pid: std::process::id(),
+        })
+        .await
+        .map_err(|s| WorkerError::Refused(s.message().to_string()))?
+        .into_inner();
+    let cfg = Config::from_toml_str(&reg.config_toml, std::path::Path::new("<coordinator>"), &[])
+        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let problems = cfg.check_files();
+    if !problems.is_empty() {
+        return Err(WorkerError::Setup(format!(
+            "this machine cannot see the job's files: {}",
+            problems.join("; ")
+        )));
+    }
+    client
+        .ready(pb::ReadyRequest {
+            worker_id: reg.worker_id.clone(),
+            model_digest: crate::coordinator::state::model_digest(&cfg),
+        })
+        .await
+        .map_err(|s| WorkerError::Refused(s.message().to_string()))?;
+    Ok((reg, cfg))
 }
 
 /// Computes one shard's cache file (unless it is already valid), loading the reference model on first use.
