@@ -9,7 +9,7 @@ CARGO := scripts/with-torch cargo
 DEMO := target/demo
 BIN := target/debug
 
-.PHONY: setup build test demo lint bench-data bench-forward bench-train clean-demo
+.PHONY: setup build test demo lint bench-data bench-forward bench-train bench-collective clean-demo
 
 setup:
 	@scripts/setup.sh >/dev/null
@@ -38,6 +38,10 @@ bench-train: setup
 
 bench-data: setup
 	$(CARGO) bench --bench data_pipeline
+
+# Ring all-reduce bus bandwidth vs PyTorch Gloo on loopback, 2 and 3 ranks (see BENCHMARKS.md).
+bench-collective: setup
+	$(CARGO) bench --bench collective
 
 clean-demo:
 	rm -rf $(DEMO)

@@ -7,7 +7,7 @@
 //! rounds, with the project's Python (`DDPO_PYTHON`). A round is `iters` back-to-back all-reduces after a
 //! barrier; its time is the slowest rank's; the reported time is the median round. Bus bandwidth =
 //! 2(n−1)/n × bytes / time.
-//! Env: SIZES_MB (default 1,4,16,64,256), WORLDS (default 2,3), ROUNDS (default 3), SEGMENT_BYTES (ring only).
+//! Env: SIZES_MB (default 1,4,16,64,256), WORLDS (default 2,3), ROUNDS (default 5), SEGMENT_BYTES (ring only).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -215,7 +215,7 @@ fn main() {
         .map(|m| m * MIB)
         .collect();
     let worlds = env_list("WORLDS", &[2, 3]);
-    let rounds = env_list("ROUNDS", &[3])[0];
+    let rounds = env_list("ROUNDS", &[5])[0];
     let started = Instant::now();
     println!("| ranks | size | iters | ring ms | ring bus GB/s | gloo ms | gloo bus GB/s | ring / gloo |");
     println!("|---|---|---|---|---|---|---|---|");

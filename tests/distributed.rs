@@ -6,6 +6,14 @@ use std::time::{Duration, Instant};
 
 use ddpo::rpc::pb;
 
+/// These tests start several processes each; on a 2-core machine running them one at a time keeps
+/// heartbeats and timeouts meaningful.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A child process killed when dropped, so a failing test leaves nothing running.
 struct Proc(Child);
 
@@ -136,6 +144,7 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
 /// also checks after every step that its weights equal rank 0's — the job would fail otherwise.)
 #[test]
 fn two_workers_match_one_process() {
+    let _serial = serial();
     let job = Job::new(32);
     let dist = job.config("dist", 2, "");
     let (mut coord, _url) = job.coordinator(&dist, 2);
@@ -204,6 +213,7 @@ fn rt() -> tokio::runtime::Runtime {
 /// harm the job; a worker that comes after the end is refused.
 #[test]
 fn status_and_bad_requests() {
+    let _serial = serial();
     // Enough data that precompute and training last several status intervals.
     let job = Job::new(256);
     let cfg = job.config("status", 1, "");
@@ -388,6 +398,7 @@ fn kill9(p: &mut Proc) {
 /// the queue, the job finishes, and every shard's cache equals a single-process precompute's.
 #[test]
 fn precompute_survives_a_killed_worker() {
+    let _serial = serial();
     let job = Job::new(96);
     // 2 train shards of 48 pairs + 2 eval shards; the world needs 2 of the 3 workers.
     let cfg = job.config("pre", 2, "");
@@ -465,6 +476,7 @@ fn precompute_survives_a_killed_worker() {
 /// from the last checkpoint and finishes with the model an uninterrupted run gives.
 #[test]
 fn training_survives_a_killed_worker() {
+    let _serial = serial();
     let job = Job::new(128);
     let extra = "";
     let cfg = job.config("kill", 2, extra);
@@ -560,6 +572,7 @@ fn training_survives_a_killed_worker() {
 /// service through server reflection.
 #[test]
 fn health_and_reflection_answer_a_generic_client() {
+    let _serial = serial();
     let job = Job::new(16);
     let cfg = job.config("probe", 1, "");
     let (_coord, url) = job.coordinator(&cfg, 0);
@@ -608,6 +621,7 @@ fn health_and_reflection_answer_a_generic_client() {
 /// from its state file and the output folder, the workers re-register, and the job finishes.
 #[test]
 fn restarted_coordinator_recovers_the_job() {
+    let _serial = serial();
     let job = Job::new(128);
     let cfg = job.config("restart", 2, "");
     let text = std::fs::read_to_string(&cfg)

@@ -706,7 +706,14 @@ impl RingCollective {
                     Ok(k) => {
                         got += k;
                         if got == REPLY_LEN {
-                            check_verdict(&verdict, next_rank, next_addr, rank, world, generation)?;
+                            if let Err(e) = check_verdict(
+                                &verdict, next_rank, next_addr, rank, world, generation,
+                            ) {
+                                // Answer whoever is already waiting in our backlog before going: a peer that
+                                // is refused learns why, instead of seeing its connection reset.
+                                refuse_pending(&listener, rank, world, generation);
+                                return Err(e);
+                            }
                         }
                     }
                     Err(e)
@@ -916,6 +923,25 @@ fn as_bytes_mut_u64(buf: &mut [u64]) -> &mut [u8] {
     // SAFETY: u64 has no padding and every byte pattern is valid.
     unsafe {
         std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, std::mem::size_of_val(buf))
+    }
+}
+
+/// Accepts the connections already queued on `listener` and refuses them (we are not joining).
+fn refuse_pending(listener: &TcpListener, rank: usize, world: usize, generation: u64) {
+    let until = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < until {
+        match listener.accept() {
+            Ok((s, _)) => {
+                let mut h = [0u8; HELLO_LEN];
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+                if (&s).read_exact(&mut h).is_ok() {
+                    let _ = (&s).write_all(&reply(false, rank, world, generation));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
     }
 }
 
