@@ -589,6 +589,8 @@ impl RingCollective {
                 "collective timeout must be positive".into(),
             ));
         }
+        // Far enough for "never", near enough that `Instant + timeout` cannot overflow.
+        let timeout = timeout.min(Duration::from_secs(365 * 24 * 3600));
         let mut ring = RingCollective {
             rank,
             world,

@@ -273,8 +273,33 @@ pub async fn run(opts: WorkerOptions) -> Result<bool, WorkerError> {
                 };
                 let timeout = Duration::from_secs(cfg.cluster.collective_timeout_secs);
                 let hooks_shared = shared.clone();
-                let (rank, generation) = (t.rank as usize, t.generation);
+                let (rank, generation, t_world) =
+                    (t.rank as usize, t.generation, t.world_size as usize);
                 let backend = t.backend.clone();
+                // NCCL: rank 0 creates the communicator id and publishes it; the others wait for it.
+                let mut nccl_id = t.nccl_id.clone();
+                if backend == "nccl" && nccl_id.is_empty() {
+                    if rank == 0 {
+                        let created = crate::collective::nccl::NcclCollective::unique_id()
+                            .map_err(|e| WorkerError::Setup(format!("NCCL: {e}")))?;
+                        client
+                            .publish_nccl_id(pb::PublishNcclIdRequest {
+                                worker_id: id.clone(),
+                                generation: t.generation,
+                                nccl_id: created.to_vec(),
+                            })
+                            .await
+                            .map_err(|s| WorkerError::Refused(s.message().to_string()))?;
+                        nccl_id = created.to_vec();
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
+                let device_index = match opts.device {
+                    tch::Device::Cuda(i) => i,
+                    _ => 0,
+                };
                 // The listener is consumed by the ring; bind a fresh one for any later generation.
                 let this_listener = std::mem::replace(
                     &mut listener,
@@ -295,6 +320,23 @@ pub async fn run(opts: WorkerOptions) -> Result<bool, WorkerError> {
                                 )
                                 .map_err(|e| e.to_string())?,
                             ),
+                            "nccl" => {
+                                let id: [u8; 128] = nccl_id
+                                    .as_slice()
+                                    .try_into()
+                                    .map_err(|_| format!("NCCL id of {} bytes", nccl_id.len()))?;
+                                // NCCL's communicator is not Send: created and used on this thread only.
+                                Box::new(
+                                    crate::collective::nccl::NcclCollective::with_timeout(
+                                        rank,
+                                        t_world,
+                                        id,
+                                        device_index,
+                                        timeout,
+                                    )
+                                    .map_err(|e| e.to_string())?,
+                                )
+                            }
                             other => {
                                 return Err(format!(
                                     "backend {other:?} is not available in this worker"
