@@ -684,3 +684,62 @@ fn restarted_coordinator_recovers_the_job() {
         .collect();
     assert_eq!(steps, (1..=64).collect::<Vec<_>>());
 }
+
+/// SIGTERM on a training worker: every rank stops at the same step boundary with a checkpoint, the
+/// signalled worker exits 0, and a replacement lets the job resume from that checkpoint and finish.
+#[test]
+fn sigterm_stops_a_worker_cleanly_with_a_checkpoint() {
+    let _serial = serial();
+    let job = Job::new(128);
+    let cfg = job.config("term", 2, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(
+            "batch_size = 8\nmicro_batch_size = 2\nepochs = 1",
+            "batch_size = 4\nmicro_batch_size = 2\nepochs = 2",
+        )
+        .replace("save_every = 2", "save_every = 16");
+    std::fs::write(&cfg, &text).unwrap();
+    let (mut coord, url) = job.coordinator(&cfg, 0);
+    let mut a = worker(&url);
+    let mut b = worker(&url);
+    let out = job.root.join("term");
+    let t = Instant::now();
+    while !out.join("checkpoint-16").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "training never reached step 16"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    unsafe {
+        libc::kill(b.0.id() as i32, libc::SIGTERM);
+    }
+    let code = b.wait(Duration::from_secs(60), "the SIGTERMed worker");
+    assert!(
+        code.success(),
+        "a SIGTERMed worker should exit 0, got {code}"
+    );
+    let steps: Vec<usize> = ddpo::train::checkpoint::list(&out)
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect();
+    let stopped_at = *steps.last().unwrap();
+    assert!(
+        stopped_at > 16 && stopped_at < 64 && stopped_at % 16 != 0,
+        "no stop checkpoint: {steps:?}"
+    );
+    let mut c = worker(&url);
+    let code = coord.wait(Duration::from_secs(240), "the job after a SIGTERM");
+    assert!(code.success(), "coordinator: {code}");
+    assert!(a.wait(Duration::from_secs(30), "worker a").success());
+    assert!(c
+        .wait(Duration::from_secs(30), "replacement worker")
+        .success());
+    let steps: Vec<u64> = metrics(&out)
+        .iter()
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=64).collect::<Vec<_>>());
+}

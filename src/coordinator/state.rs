@@ -324,6 +324,10 @@ impl Job {
         let over = self.is_over();
         let w = self.worker(&r.worker_id)?;
         w.last_heartbeat = Instant::now();
+        // A worker that says it is leaving (SIGTERM) is not given work or a place in a world again.
+        if r.state == "exited" {
+            w.exited = true;
+        }
         w.state = r.state;
         w.step = r.step;
         // A member of a world that no longer exists must stop what it is doing.

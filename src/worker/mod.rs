@@ -384,13 +384,22 @@ pub async fn run(opts: WorkerOptions) -> Result<bool, WorkerError> {
                     .await;
                 shared.generation.store(0, Ordering::Relaxed);
                 set_state("idle");
-                if matches!(&outcome, Ok(r) if r.stopped) {
-                    break Ok(false);
-                }
+                // A run stopped by another rank's SIGTERM: ask for the next world.
             }
         }
         if shared.terminate.load(Ordering::Relaxed) {
-            break Ok(false);
+            // SIGTERM: whatever was running ended cleanly (training with a checkpoint); say we leave, so
+            // the coordinator does not count on us for the next world, and exit 0.
+            tracing::info!("stopped by SIGTERM");
+            let _ = client
+                .heartbeat(pb::HeartbeatRequest {
+                    worker_id: id.clone(),
+                    state: "exited".into(),
+                    step: shared.step.load(Ordering::Relaxed),
+                    ..Default::default()
+                })
+                .await;
+            break Ok(true);
         }
     };
     hb.abort();
