@@ -57,6 +57,9 @@ struct Worker {
     /// The generation this worker is a member of, if any.
     generation: Option<u64>,
     exited: bool,
+    /// `ring_address` is the listener the worker will use next (reported since its last training run);
+    /// a worker re-binds its listener for every run, so an older address would be stale.
+    addr_fresh: bool,
 }
 
 #[derive(Debug)]
@@ -64,6 +67,8 @@ struct World {
     generation: u64,
     /// Worker ids by rank.
     members: Vec<String>,
+    /// Ring addresses by rank, fixed when the world forms so every rank sees the same list.
+    peers: Vec<String>,
     nccl_id: Vec<u8>,
     backend: &'static str,
     finished: HashSet<String>,
@@ -291,6 +296,7 @@ impl Job {
                 lease: None,
                 generation: None,
                 exited: false,
+                addr_fresh: true,
             },
         );
         Ok(pb::RegisterResponse {
@@ -369,6 +375,7 @@ impl Job {
         w.last_heartbeat = Instant::now();
         if !ring_address.is_empty() {
             w.ring_address = ring_address.to_string();
+            w.addr_fresh = true;
         }
         if !w.ready {
             return Err(Status::failed_precondition(format!(
@@ -427,11 +434,8 @@ impl Job {
                 }
                 w.generation = Some(world.generation);
                 w.state = "training".into();
-                let peers = world
-                    .members
-                    .iter()
-                    .map(|m| self.workers[m].ring_address.clone())
-                    .collect();
+                w.addr_fresh = false;
+                let peers = world.peers.clone();
                 return Ok(pb::Task {
                     kind: Some(pb::task::Kind::Train(pb::Train {
                         generation: world.generation,
@@ -460,6 +464,7 @@ impl Job {
                     && w.ready
                     && !w.exited
                     && w.generation.is_none()
+                    && w.addr_fresh
                     && w.last_heartbeat.elapsed() < fresh
             })
             .map(|(k, w)| (w.seq, k.clone()))
@@ -492,8 +497,13 @@ impl Job {
             backend,
             "training world formed"
         );
+        let peers = members
+            .iter()
+            .map(|m| self.workers[m].ring_address.clone())
+            .collect();
         self.world = Some(World {
             generation: self.generation,
+            peers,
             members,
             nccl_id: Vec::new(),
             backend,
