@@ -84,7 +84,11 @@ fn run(cli: Cli) -> Result<bool> {
             // Split the cores between the local workers (oversubscribed libtorch threads spin and slow
             // every rank down while they wait for each other).
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            let threads = (cores / cli.local_workers).max(1).to_string();
+            let threads = cores
+                .checked_div(cli.local_workers)
+                .unwrap_or(1)
+                .max(1)
+                .to_string();
             for i in 0..cli.local_workers {
                 let device = if cli.local_device == "cuda" { format!("cuda:{i}") } else { cli.local_device.clone() };
                 let child = tokio::process::Command::new(&worker)
