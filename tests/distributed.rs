@@ -126,6 +126,20 @@ impl Job {
     }
 }
 
+/// Rewrites a job config for a longer run (4 pairs a step, 2 epochs) with a checkpoint every
+/// `save_every` steps; returns the new text.
+fn long_run(cfg: &Path, save_every: usize) -> String {
+    let text = std::fs::read_to_string(cfg)
+        .unwrap()
+        .replace(
+            "batch_size = 8\nmicro_batch_size = 2\nepochs = 1",
+            "batch_size = 4\nmicro_batch_size = 2\nepochs = 2",
+        )
+        .replace("save_every = 2", &format!("save_every = {save_every}"));
+    std::fs::write(cfg, &text).unwrap();
+    text
+}
+
 fn weights(dir: &Path) -> Vec<(String, tch::Tensor)> {
     let mut v = tch::Tensor::read_safetensors(dir.join("model.safetensors")).unwrap();
     v.sort_by(|a, b| a.0.cmp(&b.0));
@@ -481,14 +495,7 @@ fn training_survives_a_killed_worker() {
     let extra = "";
     let cfg = job.config("kill", 2, extra);
     // 4 pairs a step, 32 steps an epoch, 2 epochs, a checkpoint every 4 steps.
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace(
-            "batch_size = 8\nmicro_batch_size = 2\nepochs = 1",
-            "batch_size = 4\nmicro_batch_size = 2\nepochs = 2",
-        )
-        .replace("save_every = 2", "save_every = 4");
-    std::fs::write(&cfg, &text).unwrap();
+    let text = long_run(&cfg, 4);
     let (mut coord, url) = job.coordinator(&cfg, 0);
     let mut a = worker(&url);
     let mut b = worker(&url);
@@ -624,14 +631,7 @@ fn restarted_coordinator_recovers_the_job() {
     let _serial = serial();
     let job = Job::new(128);
     let cfg = job.config("restart", 2, "");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace(
-            "batch_size = 8\nmicro_batch_size = 2\nepochs = 1",
-            "batch_size = 4\nmicro_batch_size = 2\nepochs = 2",
-        )
-        .replace("save_every = 2", "save_every = 4");
-    std::fs::write(&cfg, &text).unwrap();
+    long_run(&cfg, 4);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -692,14 +692,7 @@ fn sigterm_stops_a_worker_cleanly_with_a_checkpoint() {
     let _serial = serial();
     let job = Job::new(128);
     let cfg = job.config("term", 2, "");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace(
-            "batch_size = 8\nmicro_batch_size = 2\nepochs = 1",
-            "batch_size = 4\nmicro_batch_size = 2\nepochs = 2",
-        )
-        .replace("save_every = 2", "save_every = 16");
-    std::fs::write(&cfg, &text).unwrap();
+    long_run(&cfg, 16);
     let (mut coord, url) = job.coordinator(&cfg, 0);
     let mut a = worker(&url);
     let mut b = worker(&url);

@@ -186,22 +186,7 @@ pub fn save(
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp, e.to_string()))?;
-    let mut named: Vec<(String, Tensor)> = vs
-        .variables()
-        .into_iter()
-        .map(|(k, v)| {
-            (
-                k,
-                v.detach()
-                    .to_kind(dtype)
-                    .to_device(tch::Device::Cpu)
-                    .contiguous(),
-            )
-        })
-        .collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
-    let st = tmp.join("model.safetensors");
-    Tensor::write_safetensors(&named, &st).map_err(|e| err(&st, e.to_string()))?;
+    write_safetensors(vs, &tmp.join("model.safetensors"), dtype)?;
     for (file, bytes) in extra {
         let p = tmp.join(file);
         std::fs::write(&p, bytes).map_err(|e| err(&p, e.to_string()))?;
