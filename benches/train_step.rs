@@ -5,13 +5,14 @@
 //! 1. precompute throughput: `refcache::precompute` into a fresh cache (pairs/s) against transformers'
 //!    `LlavaForConditionalGeneration` computing the same reference log-probs the usual way
 //!    (`benches/precompute_transformers.py`: both responses as rows, images duplicated, full logits,
-//!    log_softmax + gather), same pairs, ids, batch size in pairs and thread count; best of REPEATS each;
+//!    log_softmax + gather), same pairs, ids, batch size in pairs and thread count; the two alternate, best of
+//!    REPEATS each;
 //! 2. the training step, cached reference vs online reference model, split into data (fetch + collate),
 //!    policy forward (`ddpo::batch_logps`), reference forward (online only), loss + backward, optimizer
 //!    (grad norm, clipping, AdamW, zero_grad); both modes on the same batches, interleaved, median of ITERS
 //!    after one warm-up step;
 //! 3. peak resident memory of `ddpo train --max-steps STEPS` in a child process, cached vs online (VmHWM
-//!    from /proc/<pid>/status, polled), with the step time its metrics.jsonl reports.
+//!    from /proc/<pid>/status, polled), REPEATS runs each, with the step time its metrics.jsonl reports.
 //!
 //! Env: PAIRS (16), ITERS (6), STEPS (4), REPEATS (2), THREADS (2), BATCH (2 pairs), IMAGE_SIZE (448).
 
@@ -368,19 +369,33 @@ fn main() {
     let state_bytes = opt.state_bytes();
     drop((opt, model, vs, reference, rvs));
 
-    // 3. Peak RSS of `ddpo train` as a child process, cached (cache complete) vs online.
+    // 3. Peak RSS of `ddpo train` as a child process, cached (cache complete) vs online, alternating,
+    // `repeats` runs each from a fresh output folder (the peak moves by tens of MiB with allocator timing).
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_ddpo"));
-    let (rss_cached, wall_cached) =
-        peak_rss(&bin, &cached_toml, steps, threads, &root.join("cached.log"));
-    let cached_log = std::fs::read_to_string(root.join("cached.log")).unwrap();
-    assert!(
-        !cached_log.contains("loading the reference model"),
-        "cached training loaded a reference model:\n{cached_log}"
-    );
-    let (rss_online, wall_online) =
-        peak_rss(&bin, &online_toml, steps, threads, &root.join("online.log"));
-    let step_cached = metrics_step_secs(&cached_cfg.train.output_dir, batch);
-    let step_online = metrics_step_secs(&online_cfg.train.output_dir, batch);
+    let mut runs: [(Vec<u64>, Vec<f64>, Vec<f64>); 2] = Default::default();
+    for rep in 0..repeats {
+        for (i, (name, toml, cfg)) in [
+            ("cached", &cached_toml, &cached_cfg),
+            ("online", &online_toml, &online_cfg),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let _ = std::fs::remove_dir_all(&cfg.train.output_dir);
+            let log = root.join(format!("{name}-{rep}.log"));
+            let (rss, secs) = peak_rss(&bin, toml, steps, threads, &log);
+            let text = std::fs::read_to_string(&log).unwrap();
+            assert!(
+                i == 1 || !text.contains("loading the reference model"),
+                "cached training loaded a reference model:\n{text}"
+            );
+            runs[i].0.push(rss);
+            runs[i]
+                .1
+                .push(metrics_step_secs(&cfg.train.output_dir, batch));
+            runs[i].2.push(secs);
+        }
+    }
 
     // Report.
     let tokens: usize = cache
@@ -442,26 +457,32 @@ fn main() {
         median(online.total.clone()) / median(cached.total.clone())
     );
     println!();
-    println!("`ddpo train --max-steps {steps}` (child process):");
+    println!("`ddpo train --max-steps {steps}` (child process, {repeats} runs each):");
     println!(
-        "  {:<8} {:>14} {:>14} {:>10}",
-        "mode", "peak RSS (MiB)", "s/step (log)", "wall (s)"
+        "  {:<8} {:>14} {:>18} {:>14} {:>10}",
+        "mode", "peak RSS (MiB)", "runs (MiB)", "s/step (log)", "wall (s)"
     );
-    for (name, rss, s, w) in [
-        ("cached", rss_cached, step_cached, wall_cached),
-        ("online", rss_online, step_online, wall_online),
-    ] {
+    let peak = |i: usize| *runs[i].0.iter().max().unwrap() as f64 / 1024.0;
+    let mean = |i: usize| runs[i].0.iter().sum::<u64>() as f64 / 1024.0 / runs[i].0.len() as f64;
+    for (i, name) in ["cached", "online"].into_iter().enumerate() {
+        let all: Vec<String> = runs[i]
+            .0
+            .iter()
+            .map(|k| format!("{:.0}", *k as f64 / 1024.0))
+            .collect();
         println!(
-            "  {:<8} {:>14.0} {:>14.3} {:>10.1}",
+            "  {:<8} {:>14.0} {:>18} {:>14.3} {:>10.1}",
             name,
-            rss as f64 / 1024.0,
-            s,
-            w
+            peak(i),
+            all.join(", "),
+            median(runs[i].1.clone()),
+            runs[i].2.iter().cloned().fold(f64::INFINITY, f64::min)
         );
     }
     println!(
-        "  online - cached: {:.0} MiB (one model's weights: {:.0} MiB; AdamW moments {:.0} MiB)",
-        (rss_online as f64 - rss_cached as f64) / 1024.0,
+        "  online - cached: {:.0} MiB (highest peaks), {:.0} MiB (mean peaks); one model's weights: {:.0} MiB; AdamW moments {:.0} MiB",
+        peak(1) - peak(0),
+        mean(1) - mean(0),
         mib(weights_bytes as f64),
         mib(state_bytes as f64)
     );

@@ -278,6 +278,7 @@ impl Run<'_> {
         let mut sums = MetricSums::default();
         let mut finite = true;
         self.opt.zero_grad();
+        let t_fb = Instant::now();
         for micro in mine.chunks(self.cfg.train.micro_batch_size) {
             let exs = self.examples(micro, false)?;
             let batch = self.collate(&exs, false);
@@ -291,6 +292,8 @@ impl Run<'_> {
                 &mut sums,
             );
         }
+        tracing::debug!(secs = t_fb.elapsed().as_secs_f64(), "forward and backward");
+        let t_compute = Instant::now();
         let (sums, bad) = self.reduce_sums(&sums, if finite { 0.0 } else { 1.0 })?;
         if self.world() > 1 {
             let grads: Vec<Tensor> = self
@@ -300,6 +303,10 @@ impl Run<'_> {
                 .filter(|g| g.defined())
                 .collect();
             self.comm.all_reduce_mean_tensors(&grads, BUCKET_BYTES)?;
+            tracing::debug!(
+                secs = t_compute.elapsed().as_secs_f64(),
+                "gradient all-reduce"
+            );
         }
         let norm = self.opt.grad_norm();
         if bad > 0.0 || !norm.is_finite() {
@@ -310,10 +317,14 @@ impl Run<'_> {
         if max > 0.0 && norm > max {
             self.opt.scale_grads(max / (norm + 1e-6));
         }
+        let t_update = Instant::now();
         self.opt.update(lr);
+        tracing::debug!(secs = t_update.elapsed().as_secs_f64(), "optimizer update");
         self.opt.zero_grad();
         if self.world() > 1 {
+            let t_check = Instant::now();
             self.check_replicas_agree()?;
+            tracing::debug!(secs = t_check.elapsed().as_secs_f64(), "replica check");
         }
         Ok((sums, norm, true))
     }
