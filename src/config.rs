@@ -352,6 +352,31 @@ mod defaults {
     }
 }
 
+/// Parses a `--device` value (`cpu`, `cuda`, `cuda:N`, `auto`); a CUDA device this machine does not have
+/// is an error here rather than a libtorch crash later. Shared by every binary.
+pub fn parse_device(s: &str) -> Result<tch::Device, String> {
+    let d = match s {
+        "auto" => tch::Device::cuda_if_available(),
+        "cpu" => tch::Device::Cpu,
+        "cuda" => tch::Device::Cuda(0),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => tch::Device::Cuda(n),
+            None => {
+                return Err(format!(
+                    "--device {other:?}: expected cpu, cuda, cuda:N or auto"
+                ))
+            }
+        },
+    };
+    if let tch::Device::Cuda(i) = d {
+        let n = tch::Cuda::device_count();
+        if (i as i64) >= n {
+            return Err(format!("--device {s}: this machine has {n} CUDA device(s)"));
+        }
+    }
+    Ok(d)
+}
+
 /// Keys whose environment values are comma-separated lists.
 const LIST_KEYS: &[&str] = &["data.train", "data.eval", "model.freeze"];
 
@@ -827,6 +852,15 @@ train = ["d/*.parquet"]
             (rel.ddpo.beta, rel.ddpo.gamma, rel.ddpo.score),
             (0.1, 1.1, Score::Sum)
         );
+    }
+
+    #[test]
+    fn devices_parse_and_missing_cuda_is_an_error() {
+        assert_eq!(parse_device("cpu"), Ok(tch::Device::Cpu));
+        let e = parse_device("tpu").unwrap_err();
+        assert!(e.contains("expected cpu, cuda, cuda:N or auto"), "{e}");
+        let e = parse_device("cuda:99").unwrap_err();
+        assert!(e.contains("CUDA device(s)"), "{e}");
     }
 
     #[test]

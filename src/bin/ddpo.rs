@@ -296,28 +296,8 @@ fn cmd_status(url: &str, json: bool, watch: bool, interval_ms: u32) -> Result<Ex
     })
 }
 
-/// Parses `--device`; a CUDA device that does not exist is an error, not a libtorch crash later.
 fn parse_device(s: &str) -> Result<tch::Device> {
-    let d = parse_device_name(s)?;
-    if let tch::Device::Cuda(i) = d {
-        let n = tch::Cuda::device_count();
-        if (i as i64) >= n {
-            bail!("--device {s}: this machine has {n} CUDA device(s)");
-        }
-    }
-    Ok(d)
-}
-
-fn parse_device_name(s: &str) -> Result<tch::Device> {
-    Ok(match s {
-        "auto" => tch::Device::cuda_if_available(),
-        "cpu" => tch::Device::Cpu,
-        "cuda" => tch::Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => tch::Device::Cuda(n),
-            None => bail!("--device {other:?}: expected cpu, cuda, cuda:N or auto"),
-        },
-    })
+    ddpo::config::parse_device(s).map_err(anyhow::Error::msg)
 }
 
 /// Loads and fully checks a job config (keys, ranges, files), printing problems like `validate` does.

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::Parser;
 
 use ddpo::logging::{self, LogFormat};
@@ -31,18 +31,6 @@ struct Cli {
     log_format: Option<LogFormat>,
 }
 
-fn device(s: &str) -> Result<tch::Device> {
-    Ok(match s {
-        "auto" => tch::Device::cuda_if_available(),
-        "cpu" => tch::Device::Cpu,
-        "cuda" => tch::Device::Cuda(0),
-        o => match o.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => tch::Device::Cuda(n),
-            None => bail!("--device {o:?}: expected cpu, cuda, cuda:N or auto"),
-        },
-    })
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format.unwrap_or_else(LogFormat::from_env));
@@ -52,7 +40,7 @@ fn main() -> ExitCode {
     let run = || -> Result<bool> {
         let opts = ddpo::worker::WorkerOptions {
             coordinator: cli.coordinator.clone(),
-            device: device(&cli.device)?,
+            device: ddpo::config::parse_device(&cli.device).map_err(anyhow::Error::msg)?,
             ring_bind: cli.ring_bind.parse()?,
             give_up_after: Duration::from_secs(cli.give_up_secs),
         };

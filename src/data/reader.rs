@@ -205,10 +205,8 @@ impl ShardReader {
                         let group_end = self.group_end(self.next_group - 1);
                         let first = self.next_row;
                         self.next_row = group_end;
-                        let reason = format!("row group {} unreadable: {e}", self.next_group - 1);
-                        self.pending = (first..group_end)
-                            .map(|r| Err(self.row_err(r, reason.clone())))
-                            .collect::<Vec<_>>()
+                        self.pending = self
+                            .group_failed(self.next_group - 1, first..group_end, e)
                             .into_iter();
                         if first < group_end {
                             return true;
@@ -224,27 +222,11 @@ impl ShardReader {
             let g = self.next_group;
             self.next_group += 1;
             self.next_row = self.group_start(g);
-            let reader = self
-                .file
-                .try_clone()
-                .map_err(|e| e.to_string())
-                .and_then(|f| {
-                    ParquetRecordBatchReaderBuilder::new_with_metadata(f, self.meta.clone())
-                        .with_projection(self.mask.clone())
-                        .with_row_groups(vec![g])
-                        .with_batch_size(self.batch_rows)
-                        .build()
-                        .map_err(|e| e.to_string())
-                });
-            match reader {
+            match self.group_reader(g) {
                 Ok(r) => self.current = Some(r),
                 Err(e) => {
                     let (start, end) = (self.group_start(g), self.group_end(g));
-                    let reason = format!("row group {g} unreadable: {e}");
-                    self.pending = (start..end)
-                        .map(|r| Err(self.row_err(r, reason.clone())))
-                        .collect::<Vec<_>>()
-                        .into_iter();
+                    self.pending = self.group_failed(g, start..end, e).into_iter();
                     self.next_row = end;
                     if start < end {
                         return true;
@@ -252,6 +234,28 @@ impl ShardReader {
                 }
             }
         }
+    }
+
+    /// A batch reader over row group `g` alone, projected to the layout's columns.
+    fn group_reader(&self, g: usize) -> Result<ParquetRecordBatchReader, String> {
+        let f = self.file.try_clone().map_err(|e| e.to_string())?;
+        ParquetRecordBatchReaderBuilder::new_with_metadata(f, self.meta.clone())
+            .with_projection(self.mask.clone())
+            .with_row_groups(vec![g])
+            .with_batch_size(self.batch_rows)
+            .build()
+            .map_err(|e| e.to_string())
+    }
+
+    /// One error per row of `rows` (in group `g`), for a row group that could not be decoded.
+    fn group_failed(
+        &self,
+        g: usize,
+        rows: std::ops::Range<u64>,
+        e: impl std::fmt::Display,
+    ) -> Vec<Result<RawPair, RowError>> {
+        let reason = format!("row group {g} unreadable: {e}");
+        rows.map(|r| Err(self.row_err(r, reason.clone()))).collect()
     }
 
     /// The row group holding `row`, if any.
@@ -271,39 +275,22 @@ impl ShardReader {
     /// Reads one whole row group (random access, for shuffled training): each row as a pair or its error.
     pub fn read_group(&self, g: usize) -> Vec<Result<RawPair, RowError>> {
         let (start, end) = (self.group_start(g), self.group_end(g));
-        let reader = self
-            .file
-            .try_clone()
-            .map_err(|e| e.to_string())
-            .and_then(|f| {
-                ParquetRecordBatchReaderBuilder::new_with_metadata(f, self.meta.clone())
-                    .with_projection(self.mask.clone())
-                    .with_row_groups(vec![g])
-                    .with_batch_size(self.batch_rows)
-                    .build()
-                    .map_err(|e| e.to_string())
-            });
+        let reader = match self.group_reader(g) {
+            Ok(r) => r,
+            Err(e) => return self.group_failed(g, start..end, e),
+        };
         let mut out = Vec::with_capacity((end - start) as usize);
         let mut next = start;
-        match reader {
-            Ok(r) => {
-                for batch in r {
-                    match batch {
-                        Ok(b) => {
-                            out.extend(self.convert(&b, next));
-                            next += b.num_rows() as u64;
-                        }
-                        Err(e) => {
-                            let reason = format!("row group {g} unreadable: {e}");
-                            out.extend((next..end).map(|r| Err(self.row_err(r, reason.clone()))));
-                            break;
-                        }
-                    }
+        for batch in reader {
+            match batch {
+                Ok(b) => {
+                    out.extend(self.convert(&b, next));
+                    next += b.num_rows() as u64;
                 }
-            }
-            Err(e) => {
-                let reason = format!("row group {g} unreadable: {e}");
-                out.extend((start..end).map(|r| Err(self.row_err(r, reason.clone()))));
+                Err(e) => {
+                    out.extend(self.group_failed(g, next..end, e));
+                    break;
+                }
             }
         }
         out

@@ -352,6 +352,21 @@ mod tests {
     }
 
     #[test]
+    fn zero_sizes_are_refused_naming_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = LlavaConfig::preset("tiny").unwrap();
+        c.image_token_index = Some(5);
+        c.text_config.vocab_size = 64;
+        c.vision_config.patch_size = 0;
+        std::fs::write(dir.path().join("config.json"), c.to_hf_json().to_string()).unwrap();
+        let e = LlavaConfig::from_dir(dir.path()).unwrap_err();
+        assert!(
+            e.contains("vision_config.patch_size") && e.contains("must be > 0"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn reads_both_transformers_spellings() {
         let v4 = r#"{"model_type":"llava","image_token_index":32000,
           "text_config":{"vocab_size":10,"hidden_size":8,"intermediate_size":16,"num_hidden_layers":1,

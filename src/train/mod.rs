@@ -209,9 +209,10 @@ impl Run<'_> {
     fn check_replicas_agree(&mut self) -> Result<(), TrainError> {
         let mut fp = [0f64; 2];
         for (_, p) in self.opt.params() {
-            let d = p.detach().to_kind(Kind::Double);
-            fp[0] += d.sum(Kind::Double).double_value(&[]);
-            fp[1] += d.square().sum(Kind::Double).double_value(&[]);
+            // Reductions accumulate in float64 without materialising a float64 copy of the weights.
+            let p = p.detach();
+            fp[0] += p.sum(Kind::Double).double_value(&[]);
+            fp[1] += p.norm_scalaropt_dtype(2.0, Kind::Double).double_value(&[]);
         }
         let mine: Vec<u8> = fp.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut root = mine.clone();

@@ -85,11 +85,9 @@ impl AdamW {
         for s in self.slots.values() {
             let g = s.param.grad();
             if g.defined() {
-                sq += g
-                    .to_kind(Kind::Double)
-                    .square()
-                    .sum(Kind::Double)
-                    .double_value(&[]);
+                // Accumulated in float64 inside the reduction, without a float64 copy of the gradient.
+                let n = g.norm_scalaropt_dtype(2.0, Kind::Double).double_value(&[]);
+                sq += n * n;
             }
         }
         sq.sqrt()

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Data-parallel scaling on one machine: 1 worker × 1 thread vs 2 workers × 1 thread on the same global batch
+# (small preset, cached reference, release binaries). Prints the median samples/s of steps 2.. of each run.
+# Usage: scripts/bench-scaling.sh   (builds release binaries first; a few minutes). Not a test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/with-torch cargo build --release --bins >&2
+B=$PWD/target/release
+W=$(mktemp -d)
+trap 'pkill -P $$ 2>/dev/null || true; rm -rf "$W"' EXIT
+cd "$W"
+"$B/ddpo" init-model --out m --preset small >/dev/null
+"$B/ddpo" synth --out d --pairs 16 --shards 2 --seed 1 --image-size 336 >/dev/null
+for w in 1 2; do
+    cat > "job$w.toml" <<TOML
+[model]
+path = "m"
+[reference]
+cache_dir = "cache"
+[data]
+train = ["d/train-*.parquet"]
+max_length = 1024
+[train]
+batch_size = 4
+micro_batch_size = 2
+epochs = 1
+lr = 1e-5
+warmup_ratio = 0.0
+output_dir = "run$w"
+[cluster]
+world_size = $w
+backend = "ring"
+listen = "127.0.0.1:0"
+heartbeat_secs = 2
+heartbeat_timeout_secs = 60
+collective_timeout_secs = 300
+TOML
+done
+"$B/ddpo" precompute --config job1.toml --device cpu >/dev/null 2>&1
+for w in 1 2; do
+    "$B/coordinator" --config "job$w.toml" --address-file "a$w" --linger-secs 0 2>"c$w.log" &
+    c=$!
+    for _ in $(seq 100); do [[ -s "a$w" ]] && break; sleep 0.1; done
+    for _ in $(seq "$w"); do
+        "$B/worker" --coordinator "http://$(cat "a$w")" --device cpu --ring-bind 127.0.0.1:0 --threads 1 2>/dev/null &
+    done
+    wait "$c"
+done
+python3 - <<'PY'
+import json, statistics
+base = None
+for w in (1, 2):
+    rows = [json.loads(l) for l in open(f"run{w}/metrics.jsonl") if "grad_norm" in l]
+    sps = statistics.median(r["samples_per_sec"] for r in rows[1:])
+    base = base or sps
+    print(f"{w} worker(s) x 1 thread: {sps:.3f} pairs/s  {sps / base:.2f}x  losses {[round(r['loss'], 5) for r in rows]}")
+PY
