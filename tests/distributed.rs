@@ -84,7 +84,7 @@ impl Job {
              [train]\nbatch_size = 8\nmicro_batch_size = 2\nepochs = 1\nlr = 1e-3\nwarmup_ratio = 0.0\nseed = 5\n\
              output_dir = \"{r}/{name}\"\nsave_every = 2\n\
              [cluster]\nworld_size = {world}\nbackend = \"ring\"\nheartbeat_secs = 1\nheartbeat_timeout_secs = 5\n\
-             collective_timeout_secs = 5\n{extra}\n"
+             collective_timeout_secs = 5\nreplica_check_every = 1\n{extra}\n"
         );
         let p = self.root.join(format!("{name}.toml"));
         std::fs::write(&p, text).unwrap();

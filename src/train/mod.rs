@@ -203,10 +203,10 @@ impl Run<'_> {
             .collect()
     }
 
-    /// Data parallelism keeps one model on every rank: after each update every rank compares a fingerprint
-    /// of its weights with rank 0's, so a divergence (a bug, a bad node) stops the job instead of silently
-    /// training different models.
-    fn check_replicas_agree(&mut self) -> Result<(), TrainError> {
+    /// Data parallelism keeps one model on every rank: every `cluster.replica_check_every` steps and before
+    /// every checkpoint each rank compares a fingerprint of its weights (after `step` updates) with rank 0's,
+    /// so a divergence (a bug, a bad node) stops the job instead of silently training different models.
+    fn check_replicas_agree(&mut self, step: usize) -> Result<(), TrainError> {
         let mut fp = [0f64; 2];
         for (_, p) in self.opt.params() {
             // Reductions accumulate in float64 without materialising a float64 copy of the weights.
@@ -221,7 +221,7 @@ impl Run<'_> {
             return Err(TrainError::Setup(format!(
                 "rank {} holds different weights from rank 0 after step {} (fingerprint {:?} vs {:?})",
                 self.rank(),
-                self.state.step + 1,
+                step,
                 fp,
                 root
             )));
@@ -322,9 +322,10 @@ impl Run<'_> {
         self.opt.update(lr);
         tracing::debug!(secs = t_update.elapsed().as_secs_f64(), "optimizer update");
         self.opt.zero_grad();
-        if self.world() > 1 {
+        let every = self.cfg.cluster.replica_check_every;
+        if self.world() > 1 && every > 0 && (self.state.step + 1) % every == 0 {
             let t_check = Instant::now();
-            self.check_replicas_agree()?;
+            self.check_replicas_agree(self.state.step + 1)?;
             tracing::debug!(secs = t_check.elapsed().as_secs_f64(), "replica check");
         }
         Ok((sums, norm, true))
@@ -361,6 +362,10 @@ impl Run<'_> {
     /// error too (they stop at the barrier's timeout or on rank 0's closed connection).
     fn checkpoint(&mut self) -> Result<PathBuf, TrainError> {
         let dir = checkpoint::checkpoint_dir(&self.cfg.train.output_dir, self.state.step);
+        if self.world() > 1 && self.cfg.cluster.replica_check_every > 0 {
+            // A checkpoint holds rank 0's weights only: make sure they are everybody's.
+            self.check_replicas_agree(self.state.step)?;
+        }
         if self.rank() == 0 {
             checkpoint::save(
                 &self.cfg.train.output_dir,
