@@ -117,7 +117,7 @@ fn step(
     let hw = pre.image.fixed_output_size().unwrap();
     let t = Instant::now();
     let exs: Vec<_> = rows.iter().map(|&r| src.example(r).unwrap()).collect();
-    let batch = collate(&exs, pad, hw);
+    let batch = collate(&exs, pad, hw, true);
     let t_data = t.elapsed().as_secs_f64();
 
     opt.zero_grad();

@@ -220,6 +220,10 @@ pub struct TrainConfig {
     pub eval_every: usize,
     #[serde(default = "defaults::log_every")]
     pub log_every: usize,
+    /// Run each pair as one sequence `[image + prompt | chosen | rejected]` (prefix encoded once, responses
+    /// masked from each other) instead of two; same log-probs, less work. Also used by precompute.
+    #[serde(default = "defaults::shared_prefix")]
+    pub shared_prefix: bool,
 }
 
 impl Default for TrainConfig {
@@ -239,6 +243,7 @@ impl Default for TrainConfig {
             keep_last: defaults::keep_last(),
             eval_every: 0,
             log_every: defaults::log_every(),
+            shared_prefix: defaults::shared_prefix(),
         }
     }
 }
@@ -352,6 +357,9 @@ mod defaults {
     }
     pub fn heartbeat_timeout_secs() -> u64 {
         30
+    }
+    pub fn shared_prefix() -> bool {
+        true
     }
     pub fn replica_check_every() -> usize {
         50

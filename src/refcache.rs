@@ -468,11 +468,15 @@ impl RefCache {
         model: &Llava,
         pre: &Preprocessor,
         shard: &Path,
-        policy: OnBadRow,
-        batch_pairs: usize,
-        device: tch::Device,
+        opts: &ComputeOptions,
     ) -> Result<ShardReport, CacheError> {
         let start = Instant::now();
+        let ComputeOptions {
+            on_bad_row: policy,
+            batch_pairs,
+            device,
+            shared_prefix,
+        } = *opts;
         let batch_pairs = batch_pairs.max(1);
         let source_sha256 = self.shard_hash(shard)?;
         let source_bytes = fs::metadata(shard).map_err(io_err(shard))?.len();
@@ -504,6 +508,7 @@ impl RefCache {
             pad_id,
             image_hw,
             device,
+            shared_prefix,
         };
 
         let result = (|| {
@@ -774,19 +779,11 @@ pub fn precompute(cfg: &Config, device: tch::Device) -> Result<PrecomputeReport,
         cfg.data.pad_to_square,
         cfg.ddpo.min_match,
     )?;
-    // A no-grad forward keeps far less than a training step, so the training micro-batch always fits.
-    let batch_pairs = cfg.train.micro_batch_size.max(1);
+    let opts = ComputeOptions::from_config(cfg, device);
     let n = missing.len();
     for (i, shard) in missing.iter().enumerate() {
         tracing::info!(shard = %shard.display(), "shard {}/{n}", i + 1);
-        let r = cache.compute_shard(
-            &model,
-            &pre,
-            shard,
-            cfg.data.on_bad_row,
-            batch_pairs,
-            device,
-        )?;
+        let r = cache.compute_shard(&model, &pre, shard, &opts)?;
         tracing::info!(
             shard = %shard.display(),
             rows = r.rows_written,
@@ -859,6 +856,29 @@ fn file_name(p: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// How [`RefCache::compute_shard`] runs the reference.
+#[derive(Debug, Clone, Copy)]
+pub struct ComputeOptions {
+    pub on_bad_row: OnBadRow,
+    /// Pairs per forward.
+    pub batch_pairs: usize,
+    pub device: tch::Device,
+    /// The shared-prefix layout (`train.shared_prefix`).
+    pub shared_prefix: bool,
+}
+
+impl ComputeOptions {
+    pub fn from_config(cfg: &Config, device: tch::Device) -> Self {
+        Self {
+            on_bad_row: cfg.data.on_bad_row,
+            // A no-grad forward keeps far less than a training step, so the training micro-batch fits.
+            batch_pairs: cfg.train.micro_batch_size.max(1),
+            device,
+            shared_prefix: cfg.train.shared_prefix,
+        }
+    }
+}
+
 /// Runs the reference on batches of examples and splits the `[2B, T]` log-probs back per response.
 struct Forward<'a> {
     model: &'a Llava,
@@ -866,6 +886,7 @@ struct Forward<'a> {
     pad_id: u32,
     image_hw: (usize, usize),
     device: tch::Device,
+    shared_prefix: bool,
 }
 
 impl Forward<'_> {
@@ -874,7 +895,7 @@ impl Forward<'_> {
             shard: self.shard.to_owned(),
             reason,
         };
-        let batch = collate(examples, self.pad_id, self.image_hw);
+        let batch = collate(examples, self.pad_id, self.image_hw, self.shared_prefix);
         let logps = tch::no_grad(|| {
             let on_dev = if self.device == tch::Device::Cpu {
                 None

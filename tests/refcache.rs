@@ -494,7 +494,7 @@ fn precompute_resumes_after_a_partial_run() {
     let (_vs, model) = Llava::load(&s.model, Device::Cpu, Kind::Float).unwrap();
     let pre = pre_for(&cfg);
     let r = cache
-        .compute_shard(&model, &pre, &s.shards[0], OnBadRow::Skip, 5, Device::Cpu)
+        .compute_shard(&model, &pre, &s.shards[0], &opts(OnBadRow::Skip, 5))
         .unwrap();
     assert_eq!((r.rows_read, r.rows_written, r.rows_skipped), (12, 12, 0));
     assert_eq!(cache.manifest().unwrap().shards.len(), 1);
@@ -546,7 +546,7 @@ fn stale_missing_and_corrupt_caches_are_refused_clearly() {
         assert_eq!(ex.reference.as_ref().unwrap().chosen, p.chosen_logps);
     }
     let hw = pre.image.fixed_output_size().unwrap();
-    assert!(collate(&exs[..3], 0, hw).ref_logps.is_some());
+    assert!(collate(&exs[..3], 0, hw, true).ref_logps.is_some());
 
     // A different template: the prompt ids differ.
     let mut other = cfg.clone();
@@ -675,7 +675,7 @@ fn bad_rows_follow_the_policy() {
     let (_vs, model) = Llava::load(&s.model, Device::Cpu, Kind::Float).unwrap();
     let pre = pre_for(&cfg);
     let e = cache
-        .compute_shard(&model, &pre, &shard, OnBadRow::Fail, 2, Device::Cpu)
+        .compute_shard(&model, &pre, &shard, &opts(OnBadRow::Fail, 2))
         .unwrap_err()
         .to_string();
     assert!(e.contains("row 2") && e.contains("image"), "{e}");
@@ -683,7 +683,7 @@ fn bad_rows_follow_the_policy() {
     assert_no_temp_files(&s.cache_root());
 
     let r = cache
-        .compute_shard(&model, &pre, &shard, OnBadRow::Skip, 2, Device::Cpu)
+        .compute_shard(&model, &pre, &shard, &opts(OnBadRow::Skip, 2))
         .unwrap();
     assert_eq!((r.rows_read, r.rows_written, r.rows_skipped), (5, 4, 1));
     assert_eq!(r.skipped[0].row, 2);
@@ -696,4 +696,13 @@ fn bad_rows_follow_the_policy() {
     let entry = &m.shards["train-bad.parquet"];
     assert_eq!((entry.rows_written, entry.rows_skipped), (4, 1));
     assert!(entry.skipped_rows[0].contains("row 2"), "{entry:?}");
+}
+
+fn opts(on_bad_row: OnBadRow, batch_pairs: usize) -> ddpo::refcache::ComputeOptions {
+    ddpo::refcache::ComputeOptions {
+        on_bad_row,
+        batch_pairs,
+        device: Device::Cpu,
+        shared_prefix: true,
+    }
 }

@@ -192,6 +192,55 @@ fn resume_repeats_a_straight_run_bit_for_bit() {
     );
 }
 
+/// `model.freeze`: the vision tower and projector keep their exact weights and get no optimizer state; the
+/// language model trains.
+#[test]
+fn frozen_modules_keep_their_weights_and_get_no_optimizer_state() {
+    use ddpo::config::FreezeTarget;
+    let job = Job::new(8, 0);
+    let (_, mut cfg) = job.config(
+        "frozen",
+        "batch_size = 4\nmicro_batch_size = 2\nepochs = 1\nlr = 1e-2",
+        "",
+    );
+    cfg.model.freeze = vec![FreezeTarget::VisionTower, FreezeTarget::Projector];
+    let report = train(&cfg, &cpu(None)).unwrap();
+    assert_eq!(report.steps, 2);
+    let read = |p: PathBuf| -> std::collections::BTreeMap<String, tch::Tensor> {
+        tch::Tensor::read_safetensors(p)
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    let before = read(job.root.join("model/model.safetensors"));
+    let ckpt = report.last_checkpoint.unwrap();
+    let after = read(ckpt.join("model.safetensors"));
+    let frozen =
+        |k: &str| k.starts_with("vision_tower.") || k.starts_with("multi_modal_projector.");
+    let (mut same, mut moved) = (0, 0);
+    for (k, b) in &before {
+        let a = &after[k];
+        if frozen(k) {
+            assert!(a.equal(b), "frozen {k} changed");
+            same += 1;
+        } else if !a.equal(b) {
+            moved += 1;
+        }
+    }
+    assert!(same > 10, "only {same} frozen tensors");
+    assert!(moved > 10, "only {moved} language-model tensors moved");
+    let opt = read(ckpt.join("optimizer.safetensors"));
+    assert!(opt.keys().any(|k| k.starts_with("m.language_model.")));
+    let leaked: Vec<_> = opt
+        .keys()
+        .filter(|k| frozen(k.trim_start_matches("m.").trim_start_matches("v.")))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "optimizer state for frozen tensors: {leaked:?}"
+    );
+}
+
 /// The gradients of 4 micro-batches of 2 (accumulated by `micro_step`, as a training step does) equal those
 /// of one batch of 8.
 #[test]
@@ -217,7 +266,7 @@ fn accumulation_equals_one_big_batch() {
         let (vs, model) = Llava::load(&cfg.model.path, tch::Device::Cpu, tch::Kind::Float).unwrap();
         let mut sums = ddpo::ddpo::MetricSums::default();
         for chunk in exs.chunks(micro) {
-            let batch = collate(chunk, pad, hw);
+            let batch = collate(chunk, pad, hw, cfg.train.shared_prefix);
             assert!(ddpo::train::micro_step(
                 &model, None, &batch, 8.0, &cfg.ddpo, &mut sums
             ));
@@ -252,6 +301,79 @@ fn accumulation_equals_one_big_batch() {
         worst <= 1e-5 * largest,
         "accumulated gradients differ by {worst} (largest gradient {largest})"
     );
+}
+
+/// The shared-prefix layout (one sequence per pair, responses masked from each other) gives the split
+/// layout's per-token log-probs and the same gradients, on pairs of different lengths (padding in both
+/// layouts) and the tiny preset's grouped-query attention.
+#[test]
+fn shared_prefix_equals_the_split_layout_with_gradients() {
+    use ddpo::data::collate::collate;
+    use ddpo::model::llava::Llava;
+    let job = Job::new(8, 0);
+    let (_, cfg) = job.config("shared", "batch_size = 4\nmicro_batch_size = 4", "");
+    let pre = ddpo::data::pipeline::Preprocessor::from_config(&cfg).unwrap();
+    let shards = ddpo::data::shards::discover(&cfg.data.train).unwrap();
+    let mut src =
+        ddpo::train::data::PairSource::online(shards, pre.clone(), ddpo::config::OnBadRow::Fail)
+            .unwrap();
+    let rows: Vec<_> = src.rows()[..5].to_vec();
+    let exs: Vec<_> = rows.iter().map(|&r| src.example(r).unwrap()).collect();
+    let lens: std::collections::BTreeSet<usize> = exs
+        .iter()
+        .map(|e| e.chosen_ids.len() + e.rejected_ids.len())
+        .collect();
+    assert!(
+        lens.len() > 1,
+        "pairs of one length would not exercise padding"
+    );
+    let pad = pre.text.tokenizer().token_to_id("<pad>").unwrap();
+    let hw = pre.image.fixed_output_size().unwrap();
+    let (vs, model) = Llava::load(&cfg.model.path, tch::Device::Cpu, tch::Kind::Float).unwrap();
+    let run = |shared: bool| {
+        let batch = collate(&exs, pad, hw, shared);
+        assert_eq!(batch.packed.is_some(), shared);
+        for (_, v) in vs.variables() {
+            let mut g = v.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        let lp = ddpo::ddpo::batch_logps(&model, &batch);
+        (lp.shallow_clone() * batch.weights(5.0))
+            .sum(tch::Kind::Float)
+            .backward();
+        let mut grads: Vec<(String, tch::Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, v)| v.grad().defined())
+            .map(|(k, v)| (k, v.grad().copy()))
+            .collect();
+        grads.sort_by(|a, b| a.0.cmp(&b.0));
+        (lp.detach(), batch.labels.ne(-100), grads)
+    };
+    let (split, on_label, g_split) = run(false);
+    let (shared, _, g_shared) = run(true);
+    assert_eq!(split.size(), shared.size());
+    assert_eq!(g_split.len(), g_shared.len());
+    let off = shared.masked_select(&on_label.logical_not());
+    assert_eq!(off.abs().max().double_value(&[]), 0.0);
+    let lp_diff = (&split - &shared).abs().max().double_value(&[]);
+    let lp_min = split.masked_select(&on_label).min().double_value(&[]);
+    assert!(lp_min < -1.0, "log-probs {lp_min}: nothing to compare");
+    assert!(lp_diff < 1e-5, "log-probs differ by {lp_diff}");
+    let (mut worst, mut largest) = (0f64, 0f64);
+    for ((na, ga), (nb, gb)) in g_split.iter().zip(&g_shared) {
+        assert_eq!(na, nb);
+        worst = worst.max((ga - gb).abs().max().double_value(&[]));
+        largest = largest.max(ga.abs().max().double_value(&[]));
+    }
+    assert!(largest > 1e-3, "gradients ~0 ({largest})");
+    assert!(
+        worst <= 1e-5 * largest,
+        "gradients differ by {worst} (largest {largest})"
+    );
+    eprintln!("log-probs max diff {lp_diff:e}; gradients max diff {worst:e} of {largest:e}");
 }
 
 /// Held-out reward accuracy rises well above chance on `ddpo synth --difficulty easy` data: the wrong colour

@@ -15,8 +15,22 @@ use crate::data::collate::{Batch, IGNORE};
 use crate::model::llava::Llava;
 
 /// `[2B, T]` fp32 log-probs of the label tokens under `model` (0 off labels); rows `[chosen; rejected]`.
-/// Each pair's image is encoded once.
+/// Each pair's image is encoded once; with the batch's shared-prefix layout its prompt too.
 pub fn batch_logps(model: &Llava, batch: &Batch) -> Tensor {
+    if let Some(p) = &batch.packed {
+        let h = model.hidden_packed(p, &batch.pixel_values);
+        let d = h.size()[2];
+        let lp = model.logps_at(
+            &h.view([-1, d]),
+            &p.pred_index,
+            &p.targets,
+            crate::model::llava::LOGPROB_CHUNK,
+        );
+        let (rows, t) = batch.labels.size2().expect("[2B, T] labels");
+        return Tensor::zeros([rows * t], (Kind::Float, lp.device()))
+            .index_put(&[Some(p.out_index.shallow_clone())], &lp, false)
+            .view([rows, t]);
+    }
     let h = model.hidden(
         &batch.input_ids,
         &batch.attention_mask,
@@ -252,7 +266,7 @@ mod tests {
             &[false, true, false],
             (vec![-1.0, -2.0, -0.5], vec![-1.0, -1.0, -0.5]),
         );
-        let b = collate(&[e], 0, (2, 2));
+        let b = collate(&[e], 0, (2, 2), false);
         let reference = b.ref_logps.as_ref().unwrap().shallow_clone();
         // Policy: chosen tokens more likely than the reference, rejected less.
         let policy = reference.shallow_clone() + b.labels.ne(IGNORE).to_kind(Kind::Float) * 0.1;
@@ -297,7 +311,7 @@ mod tests {
             &[false, true, true, false],
             (vec![-1.0, -2.0, -0.5], vec![-1.0, -1.0, -3.0, -0.5]),
         );
-        let b = collate(&[e.clone(), e], 0, (2, 2));
+        let b = collate(&[e.clone(), e], 0, (2, 2), false);
         let r = b.ref_logps.as_ref().unwrap();
         let t = pair_terms(r, r, &b, &cfg(Score::Mean, LossKind::Sigmoid));
         let mut m = MetricSums::default();

@@ -207,6 +207,43 @@ impl Llama {
         )
     }
 
+    /// Final hidden states `[B, L, D]` of shared-prefix rows (see `data::collate::Packed`): `segments`
+    /// `[B, L]` (prompt 0, chosen 1, rejected 2, padding 3) and rotary `positions` `[B, L]`. A token sees
+    /// earlier tokens of the prompt and of its own segment; padding is never a key.
+    pub fn forward_segmented(
+        &self,
+        embeds: &Tensor,
+        segments: &Tensor,
+        positions: &Tensor,
+    ) -> Tensor {
+        use crate::data::collate::{SEG_PAD, SEG_PROMPT};
+        let (b, l, _) = embeds.size3().expect("[batch, seq, hidden]");
+        let device = embeds.device();
+        // Positions never exceed L − 1 (a response is numbered from the prompt's end), so a table of L
+        // rows covers them; gathering rows gives the very values the split layout computes.
+        let (cos, sin) = self.rotary(l, device, embeds.kind());
+        let at = |table: &Tensor| {
+            table
+                .view([l, self.head_dim])
+                .index_select(0, &positions.reshape([-1]))
+                .view([b, 1, l, self.head_dim])
+        };
+        let (cos, sin) = (at(&cos), at(&sin));
+        let causal = Tensor::ones([l, l], (Kind::Bool, device))
+            .tril(0)
+            .view([1, 1, l, l]);
+        let q = segments.view([b, 1, l, 1]);
+        let k = segments.view([b, 1, 1, l]);
+        let visible = k.eq(SEG_PROMPT).logical_or(&k.eq_tensor(&q));
+        let mask = causal.logical_and(&visible).logical_and(&k.ne(SEG_PAD));
+        // A padded query row sees the prompt; its output is never used.
+        let mut x = embeds.shallow_clone();
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, &mask);
+        }
+        self.norm.forward(&x)
+    }
+
     /// Final hidden states `[B, T, D]` for input embeddings `[B, T, D]` and an attention mask `[B, T]`
     /// (1 = token, 0 = padding). Causal attention; padded keys are masked out.
     pub fn forward_embeds(&self, embeds: &Tensor, attention_mask: &Tensor) -> Tensor {

@@ -14,7 +14,7 @@ use tch::{Kind, Tensor};
 use super::clip::{Activation, ClipVision};
 use super::config::LlavaConfig;
 use super::llama::Llama;
-use crate::data::collate::IGNORE;
+use crate::data::collate::{Packed, IGNORE};
 
 #[derive(Debug)]
 pub struct Llava {
@@ -30,7 +30,7 @@ pub struct Llava {
 }
 
 /// Positions of the response tokens whose log-probs are computed per chunk.
-const LOGPROB_CHUNK: i64 = 1024;
+pub const LOGPROB_CHUNK: i64 = 1024;
 
 impl Llava {
     /// Builds the model's variables under `root` (random init; load a checkpoint over them).
@@ -188,6 +188,13 @@ impl Llava {
         self.llama.forward_embeds(&e, attention_mask)
     }
 
+    /// Final hidden states `[B, L, D]` of a batch's shared-prefix layout (one image per row).
+    pub fn hidden_packed(&self, packed: &Packed, pixel_values: &Tensor) -> Tensor {
+        let e = self.embed(&packed.input_ids, pixel_values, None);
+        self.llama
+            .forward_segmented(&e, &packed.segments, &packed.positions)
+    }
+
     /// Full logits `[B, T, V]` (for tests and small inputs; training uses [`Llava::response_logps`]).
     pub fn logits(
         &self,
@@ -208,40 +215,56 @@ impl Llava {
 
     /// [`Llava::response_logps`] with an explicit chunk size (positions per vocabulary projection).
     pub fn response_logps_chunked(&self, hidden: &Tensor, labels: &Tensor, chunk: i64) -> Tensor {
-        let chunk = chunk.max(1);
         let (b, t, d) = hidden.size3().expect("[batch, seq, hidden]");
-        // The token at t is predicted by the hidden state at t − 1.
-        let h = hidden.narrow(1, 0, t - 1).reshape([-1, d]);
-        let y = labels.narrow(1, 1, t - 1).reshape([-1]);
-        let pos = y.ne(IGNORE).nonzero().squeeze_dim(1);
-        let n = pos.size()[0];
+        // The token at t is predicted by the hidden state at t − 1 (position 0 is never a label).
+        let y = labels.reshape([-1]);
+        let first_column = Tensor::arange(b * t, (Kind::Int64, hidden.device()))
+            .remainder(t)
+            .eq(0);
+        let out = y
+            .ne(IGNORE)
+            .logical_and(&first_column.logical_not())
+            .nonzero()
+            .squeeze_dim(1);
+        let lp = self.logps_at(
+            &hidden.reshape([-1, d]),
+            &(&out - 1),
+            &y.index_select(0, &out),
+            chunk,
+        );
+        Tensor::zeros([b * t], (Kind::Float, hidden.device()))
+            .index_put(&[Some(out)], &lp, false)
+            .view([b, t])
+    }
+
+    /// fp32 log-probs `[N]` of `targets[i]` given the hidden state at row `pred_index[i]` of `hidden`
+    /// `[M, D]`: only those rows are projected onto the vocabulary, `chunk` at a time.
+    pub fn logps_at(
+        &self,
+        hidden: &Tensor,
+        pred_index: &Tensor,
+        targets: &Tensor,
+        chunk: i64,
+    ) -> Tensor {
+        let chunk = chunk.max(1);
+        let n = pred_index.size()[0];
         let mut parts = Vec::new();
         let mut start = 0;
         while start < n {
             let len = chunk.min(n - start);
-            let idx = pos.narrow(0, start, len);
             let logits = self
                 .lm_head
-                .forward(&h.index_select(0, &idx))
+                .forward(&hidden.index_select(0, &pred_index.narrow(0, start, len)))
                 .to_kind(Kind::Float);
             let lp = logits.log_softmax(-1, Kind::Float);
-            let tok = y.index_select(0, &idx).unsqueeze(1);
+            let tok = targets.narrow(0, start, len).unsqueeze(1);
             parts.push(lp.gather(1, &tok, false).squeeze_dim(1));
             start += len;
         }
-        let flat = Tensor::zeros([b * (t - 1)], (Kind::Float, hidden.device()));
-        let flat = if parts.is_empty() {
-            flat
+        if parts.is_empty() {
+            Tensor::zeros([0], (Kind::Float, hidden.device()))
         } else {
-            flat.index_put(&[Some(pos)], &Tensor::cat(&parts, 0), false)
-        };
-        let shifted = flat.view([b, t - 1]);
-        Tensor::cat(
-            &[
-                Tensor::zeros([b, 1], (Kind::Float, hidden.device())),
-                shifted,
-            ],
-            1,
-        )
+            Tensor::cat(&parts, 0)
+        }
     }
 }

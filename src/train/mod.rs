@@ -266,7 +266,13 @@ impl Run<'_> {
             &self.train
         };
         let pre = src.preprocessor();
-        collate(exs, pad_id(pre), image_hw(pre)).to_device(self.device)
+        collate(
+            exs,
+            pad_id(pre),
+            image_hw(pre),
+            self.cfg.train.shared_prefix,
+        )
+        .to_device(self.device)
     }
 
     /// One optimizer step over the global batch `rows`. Returns the step's metric sums, the gradient norm

@@ -140,7 +140,9 @@ impl AdamW {
                     let _ = p32.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 }
                 let _ = s.m.lerp_(&g, 1.0 - c.beta1);
-                let _ = s.v.g_mul_scalar_(c.beta2).addcmul_(&(&g * (1.0 - c.beta2)), &g);
+                let _ =
+                    s.v.g_mul_scalar_(c.beta2)
+                        .addcmul_(&(&g * (1.0 - c.beta2)), &g);
                 let mut denom = s.v.sqrt();
                 let _ = denom.g_div_scalar_(bc2.sqrt()).g_add_scalar_(c.eps);
                 let _ = p32.addcdiv_(&(&s.m * (-lr / bc1)), &denom);
@@ -292,7 +294,12 @@ mod tests {
         assert_eq!(names.len(), 4);
         let params: BTreeMap<String, Tensor> = names
             .iter()
-            .map(|n| (n.clone(), fx[&format!("init.{n}")].copy().set_requires_grad(true)))
+            .map(|n| {
+                (
+                    n.clone(),
+                    fx[&format!("init.{n}")].copy().set_requires_grad(true),
+                )
+            })
             .collect();
         let cfg = AdamWConfig {
             beta1: hyper[0],
@@ -300,7 +307,10 @@ mod tests {
             eps: hyper[2],
             weight_decay: hyper[3],
         };
-        let shared = params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect();
+        let shared = params
+            .iter()
+            .map(|(n, p)| (n.clone(), p.shallow_clone()))
+            .collect();
         let mut opt = AdamW::new(shared, cfg);
         for (step, &lr) in lrs.iter().enumerate() {
             for (n, p) in &params {
@@ -319,7 +329,10 @@ mod tests {
             for (what, got) in [("param", &s.param.detach()), ("m", &s.m), ("v", &s.v)] {
                 let want = &fx[&format!("{what}.{n}")];
                 let diff = (got - want).abs().max().double_value(&[]);
-                assert!(got.equal(want), "{what}.{n} differs from torch.optim.AdamW by up to {diff}");
+                assert!(
+                    got.equal(want),
+                    "{what}.{n} differs from torch.optim.AdamW by up to {diff}"
+                );
             }
         }
     }

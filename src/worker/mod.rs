@@ -477,9 +477,7 @@ fn precompute_shard(
             m,
             &pre,
             shard,
-            cfg.data.on_bad_row,
-            cfg.train.micro_batch_size.max(1),
-            device,
+            &crate::refcache::ComputeOptions::from_config(cfg, device),
         )
         .map_err(|e| e.to_string())?;
     Ok((r.rows_written, r.rows_skipped))
