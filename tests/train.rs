@@ -103,6 +103,7 @@ fn comparable(rows: &[serde_json::Value]) -> Vec<serde_json::Value> {
             let m = r.as_object_mut().unwrap();
             m.remove("samples_per_sec");
             m.remove("tokens_per_sec");
+            m.remove("data_wait_share");
             r
         })
         .collect()

@@ -10,8 +10,12 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crate::config::OnBadRow;
+use crate::data::collate::{collate, Batch};
 use crate::data::pipeline::{Example, ExampleStream, Preprocessor};
 use crate::data::reader::{RawPair, ShardReader};
 use crate::data::{DataError, RowError};
@@ -171,6 +175,130 @@ impl PairSource {
             refcache::attach(&mut ex, c, &shard)?;
         }
         Ok(ex)
+    }
+}
+
+/// Which rows a rank trains on at each step. A pure function of its fields, so the data can be prepared
+/// ahead of the step and a resumed run sees the same batches.
+#[derive(Debug, Clone)]
+pub struct FeedPlan {
+    /// Rows in the split (`PairSource::rows`).
+    pub rows: usize,
+    pub batch_size: usize,
+    pub micro_batch_size: usize,
+    pub steps_per_epoch: usize,
+    pub seed: u64,
+    pub world: usize,
+    pub rank: usize,
+    /// Steps `start..stop` are fed.
+    pub start: usize,
+    pub stop: usize,
+    pub shared_prefix: bool,
+}
+
+impl FeedPlan {
+    /// Indices (into the split's rows) of this rank's share of `step`'s global batch, given the epoch order.
+    pub fn my_rows(&self, order: &[usize], step: usize) -> Vec<usize> {
+        let pos = step % self.steps_per_epoch;
+        let global = &order[pos * self.batch_size..(pos + 1) * self.batch_size];
+        crate::collective::chunk_range(global.len(), self.world, self.rank)
+            .map(|i| global[i])
+            .collect()
+    }
+}
+
+/// A step's micro-batches, collated on the CPU.
+#[derive(Debug)]
+pub struct StepData {
+    pub step: usize,
+    pub batches: Vec<Batch>,
+}
+
+/// Reads, decodes, preprocesses, tokenizes, diffs and collates the coming steps' micro-batches in a
+/// background thread, `depth` steps ahead (a bounded queue), so the step does not wait for data. The
+/// first error ends the feed and is handed to the step that needed the data.
+#[derive(Debug)]
+pub struct Feed {
+    rx: Option<Receiver<Result<StepData, TrainError>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Feed {
+    pub fn start(mut src: PairSource, plan: FeedPlan, depth: usize) -> Result<Feed, TrainError> {
+        let (tx, rx) = sync_channel(depth.max(1));
+        let pre = src.preprocessor();
+        let pad = pre
+            .text
+            .tokenizer()
+            .token_to_id(crate::data::tokenizer::PAD)
+            .unwrap_or(0);
+        let hw = pre.image.fixed_output_size().ok_or_else(|| {
+            TrainError::Setup("the image processor has no fixed output size".into())
+        })?;
+        let thread = std::thread::Builder::new()
+            .name("ddpo-data".into())
+            .spawn(move || {
+                let mut order: Option<(usize, Vec<usize>)> = None;
+                for step in plan.start..plan.stop {
+                    let epoch = step / plan.steps_per_epoch;
+                    if order.as_ref().map(|(e, _)| *e) != Some(epoch) {
+                        order = Some((epoch, epoch_order(plan.rows, plan.seed, epoch)));
+                    }
+                    let mine: Vec<RowRef> = plan
+                        .my_rows(&order.as_ref().expect("set").1, step)
+                        .into_iter()
+                        .map(|i| src.rows()[i])
+                        .collect();
+                    let batches: Result<Vec<Batch>, TrainError> = mine
+                        .chunks(plan.micro_batch_size.max(1))
+                        .map(|micro| {
+                            let exs = micro
+                                .iter()
+                                .map(|&r| src.example(r))
+                                .collect::<Result<Vec<_>, _>>()?;
+                            Ok(collate(&exs, pad, hw, plan.shared_prefix))
+                        })
+                        .collect();
+                    let failed = batches.is_err();
+                    if tx
+                        .send(batches.map(|batches| StepData { step, batches }))
+                        .is_err()
+                        || failed
+                    {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| TrainError::Setup(format!("cannot start the data thread: {e}")))?;
+        Ok(Feed {
+            rx: Some(rx),
+            thread: Some(thread),
+        })
+    }
+
+    /// `step`'s micro-batches and the seconds spent waiting for them.
+    pub fn next(&mut self, step: usize) -> Result<(Vec<Batch>, f64), TrainError> {
+        let t = Instant::now();
+        let got = self
+            .rx
+            .as_ref()
+            .expect("open until dropped")
+            .recv()
+            .map_err(|_| {
+                TrainError::Setup(format!("the data thread ended before step {}", step + 1))
+            })??;
+        assert_eq!(got.step, step, "the feed runs in step order");
+        Ok((got.batches, t.elapsed().as_secs_f64()))
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        // Closing the queue ends a thread blocked on a full queue; then it can be joined.
+        drop(self.rx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

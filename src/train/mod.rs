@@ -33,7 +33,7 @@ use crate::model::llava::Llava;
 use crate::refcache::{self, CacheError, RefCache};
 
 use checkpoint::{CheckpointError, TrainerState};
-use data::{epoch_order, PairSource, RowRef};
+use data::{Feed, FeedPlan, PairSource, RowRef};
 use optim::{AdamW, AdamWConfig, OptimError};
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +61,8 @@ pub enum TrainError {
 
 /// Gradient all-reduce bucket size (as PyTorch DDP's default).
 const BUCKET_BYTES: usize = 25 << 20;
+/// Steps of data the background thread prepares ahead of the step.
+const FEED_DEPTH: usize = 2;
 
 /// What a caller (the worker process) learns and decides during a run.
 pub trait TrainHooks {
@@ -179,7 +181,6 @@ struct Run<'a> {
     vs: nn::VarStore,
     reference: Option<(nn::VarStore, Llava)>,
     opt: AdamW,
-    train: PairSource,
     eval: Option<PairSource>,
     /// Open on rank 0 only: one writer for the job's metrics.
     metrics: Option<std::fs::File>,
@@ -241,12 +242,8 @@ impl Run<'_> {
         let bad = v.pop().expect("pushed");
         Ok((MetricSums::from_slice(&v), bad))
     }
-    fn examples(&mut self, rows: &[RowRef], eval: bool) -> Result<Vec<Example>, TrainError> {
-        let src = if eval {
-            self.eval.as_mut().expect("eval split")
-        } else {
-            &mut self.train
-        };
+    fn eval_examples(&mut self, rows: &[RowRef]) -> Result<Vec<Example>, TrainError> {
+        let src = self.eval.as_mut().expect("eval split");
         rows.iter().map(|&r| src.example(r)).collect()
     }
 
@@ -259,13 +256,8 @@ impl Run<'_> {
         )
     }
 
-    fn collate(&self, exs: &[Example], eval: bool) -> Batch {
-        let src = if eval {
-            self.eval.as_ref().expect("eval split")
-        } else {
-            &self.train
-        };
-        let pre = src.preprocessor();
+    fn eval_collate(&self, exs: &[Example]) -> Batch {
+        let pre = self.eval.as_ref().expect("eval split").preprocessor();
         collate(
             exs,
             pad_id(pre),
@@ -275,20 +267,18 @@ impl Run<'_> {
         .to_device(self.device)
     }
 
-    /// One optimizer step over the global batch `rows`. Returns the step's metric sums, the gradient norm
-    /// (before clipping) and whether the update was applied.
-    fn step(&mut self, rows: &[RowRef], lr: f64) -> Result<(MetricSums, f64, bool), TrainError> {
+    /// One optimizer step over this rank's share of the global batch, as micro-batches. Returns the step's
+    /// metric sums, the gradient norm (before clipping) and whether the update was applied.
+    fn step(&mut self, micro: Vec<Batch>, lr: f64) -> Result<(MetricSums, f64, bool), TrainError> {
         // Each rank takes its equal share; its loss is a mean over its share, and the gradient all-reduce
         // averages over ranks, so the result is the gradient of the global batch's mean loss.
-        let mine = self.my_share(rows);
-        let local = mine.len() as f64;
+        let local = micro.iter().map(|b| b.pairs).sum::<usize>() as f64;
         let mut sums = MetricSums::default();
         let mut finite = true;
         self.opt.zero_grad();
         let t_fb = Instant::now();
-        for micro in mine.chunks(self.cfg.train.micro_batch_size) {
-            let exs = self.examples(micro, false)?;
-            let batch = self.collate(&exs, false);
+        for batch in micro {
+            let batch = batch.to_device(self.device);
             let reference = self.reference.as_ref().map(|r| &r.1);
             finite &= micro_step(
                 &self.model,
@@ -345,8 +335,8 @@ impl Run<'_> {
         let rows = self.my_share(&all);
         let mut sums = MetricSums::default();
         for micro in rows.chunks(self.cfg.train.micro_batch_size.max(1)) {
-            let exs = self.examples(micro, true)?;
-            let batch = self.collate(&exs, true);
+            let exs = self.eval_examples(micro)?;
+            let batch = self.eval_collate(&exs);
             let t = tch::no_grad(|| self.terms(&batch));
             sums.add(&t, batch.response_tokens);
         }
@@ -664,7 +654,6 @@ pub fn train_distributed(
         vs,
         reference,
         opt,
-        train: train_src,
         eval: eval_src,
         metrics,
         state,
@@ -684,7 +673,22 @@ pub fn train_distributed(
 
     let start_step = run.state.step;
     let stop = opts.max_steps.unwrap_or(total_steps).min(total_steps);
-    let mut order: Option<(usize, Vec<usize>)> = None;
+    let mut feed = Feed::start(
+        train_src,
+        FeedPlan {
+            rows: n,
+            batch_size: bs,
+            micro_batch_size: cfg.train.micro_batch_size,
+            steps_per_epoch,
+            seed: cfg.train.seed,
+            world,
+            rank,
+            start: start_step,
+            stop,
+            shared_prefix: cfg.train.shared_prefix,
+        },
+        FEED_DEPTH,
+    )?;
     let mut last_metrics = Vec::new();
     let mut last_eval = Vec::new();
     let mut last_checkpoint = latest.map(|(_, p)| p);
@@ -708,19 +712,12 @@ pub fn train_distributed(
             break;
         }
         let step = run.state.step;
-        let epoch = step / steps_per_epoch;
-        let pos = step % steps_per_epoch;
-        if order.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            order = Some((epoch, epoch_order(n, cfg.train.seed, epoch)));
-        }
-        let rows: Vec<RowRef> = order.as_ref().expect("set").1[pos * bs..(pos + 1) * bs]
-            .iter()
-            .map(|&i| run.train.rows()[i])
-            .collect();
         let lr = schedule::lr_at(cfg.train.lr, cfg.train.schedule, step, warmup, total_steps);
         let ts = Instant::now();
-        let (sums, norm, applied) = run.step(&rows, lr)?;
+        let (micro, data_wait) = feed.next(step)?;
+        let (sums, norm, applied) = run.step(micro, lr)?;
         let secs = ts.elapsed().as_secs_f64();
+        tracing::debug!(secs = data_wait, "waiting for data");
         if !applied {
             run.state.skipped_steps += 1;
             tracing::warn!(
@@ -741,6 +738,7 @@ pub fn train_distributed(
                 ("lr", lr),
                 ("samples_per_sec", bs as f64 / secs),
                 ("tokens_per_sec", sums.tokens / secs),
+                ("data_wait_share", data_wait / secs),
                 ("skipped_steps", run.state.skipped_steps as f64),
             ],
         );
