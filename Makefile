@@ -9,7 +9,7 @@ CARGO := scripts/with-torch cargo
 DEMO := target/demo
 BIN := target/debug
 
-.PHONY: setup build test demo lint bench-data bench-forward bench-train bench-collective clean-demo
+.PHONY: setup build test demo lint bench-data bench-forward bench-train bench-collective bench-step clean-demo
 
 setup:
 	@scripts/setup.sh >/dev/null
@@ -42,6 +42,10 @@ bench-data: setup
 # Ring all-reduce bus bandwidth vs PyTorch Gloo on loopback, 2 and 3 ranks (see BENCHMARKS.md).
 bench-collective: setup
 	$(CARGO) bench --bench collective
+
+# The training step side by side with the Python (transformers, RLHF-V-style) baseline (see BENCHMARKS.md).
+bench-step: setup
+	$(CARGO) bench --bench ddpo_step
 
 clean-demo:
 	rm -rf $(DEMO)

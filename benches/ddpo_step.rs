@@ -1,0 +1,481 @@
+//! The training step side by side with the Python baseline, on LLaVA-1.5 scaled down. Not a test.
+//! Run: `make bench-step` (or `scripts/with-torch cargo bench --bench ddpo_step`).
+//!
+//! Shape (issue 7): the `small` preset (vocabulary 32,000, text 512 × 4 layers, vision 256 × 4 layers at
+//! 336 px → 576 visual tokens), PAIRS pairs a step with PROMPT-token prompts (plus the 576 image tokens) and
+//! ~RESPONSE-token answers, THREADS threads, fp32 CPU, every parameter trained, AdamW, lr 5e-7, clipping at 1.
+//!
+//! Three implementations run the same step on the same tokens and pixels, each in its own process (so each
+//! peak RSS is its own), interleaved over ROUNDS rounds (so drift on a shared machine hits all alike):
+//! - `python`: `benches/ddpo_step_transformers.py` — transformers `LlavaForConditionalGeneration`, the step
+//!   written as the RLHF-V code does it ([chosen; rejected] rows, duplicated images, full logits);
+//! - `ddpo split`: this project's step with `train.shared_prefix = false` (two rows per pair, image encoded
+//!   once, vocabulary projection at response positions only);
+//! - `ddpo shared`: the default, one `[image + prompt | chosen | rejected]` row per pair.
+//!
+//! Each reports the median of ITERS steps after one warm-up and the first step's loss (identical inputs, so
+//! the three must agree to float tolerance: a correctness check riding along). The reference log-probs are
+//! the initial policy's, perturbed deterministically, so that first loss is not the trivial ln 2.
+//! Finally a `ddpo train` run on synthetic data (`ddpo synth`, 336 px) reports the share of step time spent
+//! waiting for data (`data_wait_share` in its metrics.jsonl).
+//!
+//! Env: PAIRS (2), PROMPT (40), RESPONSE (100), ITERS (4), ROUNDS (2), THREADS (2), SEED (0).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use ddpo::config::DdpoConfig;
+use ddpo::data::collate::{collate, Batch};
+use ddpo::data::pipeline::{Example, RefLogps};
+use ddpo::model::llava::Llava;
+use ddpo::model::preset::init_model;
+use ddpo::train::data::SplitMix;
+use ddpo::train::optim::{AdamW, AdamWConfig};
+use tch::{Device, Kind, Tensor};
+
+const LR: f64 = 5e-7;
+const MAX_GRAD_NORM: f64 = 1.0;
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Peak resident memory of this process (VmHWM) in MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// The comparison pairs: deterministic in SEED. A prompt is BOS, a few words, the 576 image tokens, the
+/// question; the rejected answer is the chosen one with a changed span (and 10 tokens shorter), as the
+/// diff of a corrected answer gives.
+fn comparison_examples(
+    model: &Llava,
+    pairs: usize,
+    prompt: usize,
+    response: usize,
+    seed: u64,
+) -> Vec<Example> {
+    let cfg = &model.config;
+    let image_token = cfg.image_token_index() as u32;
+    let n_image = cfg.num_image_tokens();
+    let side = cfg.vision_config.image_size;
+    let mut rng = SplitMix::new(seed);
+    // Ordinary word ids: clear of the special ids at the bottom and of `<image>`.
+    fn word(rng: &mut SplitMix) -> u32 {
+        1000 + rng.below(30_000) as u32
+    }
+    (0..pairs)
+        .map(|i| {
+            let mut prompt_ids = vec![1u32];
+            prompt_ids.extend((0..10).map(|_| word(&mut rng)));
+            prompt_ids.extend(std::iter::repeat_n(image_token, n_image));
+            prompt_ids.extend((0..prompt.saturating_sub(11)).map(|_| word(&mut rng)));
+            let len = response + rng.below(9) as usize - 4;
+            let mut chosen: Vec<u32> = (0..len).map(|_| word(&mut rng)).collect();
+            chosen.push(2); // EOS
+            let at = len / 3;
+            let span = 12;
+            let mut rejected = chosen.clone();
+            let wrong: Vec<u32> = (0..span - 10).map(|_| word(&mut rng)).collect();
+            rejected.splice(at..at + span, wrong.iter().copied());
+            let mut chosen_changed = vec![false; chosen.len()];
+            chosen_changed[at..at + span]
+                .iter_mut()
+                .for_each(|c| *c = true);
+            let mut rejected_changed = vec![false; rejected.len()];
+            rejected_changed[at..at + wrong.len()]
+                .iter_mut()
+                .for_each(|c| *c = true);
+            let pixel_values = (0..3 * side * side)
+                .map(|_| (rng.below(2001) as f32 - 1000.0) / 600.0)
+                .collect();
+            Example {
+                shard: 0,
+                row: i as u64,
+                id: format!("pair-{i}"),
+                pixel_values,
+                prompt_ids,
+                chosen_ids: chosen,
+                rejected_ids: rejected,
+                chosen_changed,
+                rejected_changed,
+                truncated: false,
+                reference: None,
+            }
+        })
+        .collect()
+}
+
+/// Attaches reference log-probs: the model's own (split layout), minus a small deterministic pattern.
+fn attach_reference(model: &Llava, exs: &mut [Example]) {
+    let side = model.config.vision_config.image_size;
+    let batch = collate(exs, 0, (side, side), false);
+    let lp = tch::no_grad(|| ddpo::ddpo::batch_logps(model, &batch));
+    let b = exs.len();
+    let t = lp.size()[1] as usize;
+    let flat = Vec::<f32>::try_from(lp.reshape([-1])).unwrap();
+    for (i, e) in exs.iter_mut().enumerate() {
+        let p = e.prompt_ids.len();
+        let take = |row: usize, n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|k| flat[row * t + p + k] - 0.01 * ((k * 7 + row) % 5) as f32)
+                .collect()
+        };
+        e.reference = Some(RefLogps {
+            chosen: take(i, e.chosen_ids.len()),
+            rejected: take(b + i, e.rejected_ids.len()),
+        });
+    }
+}
+
+fn inputs(model_dir: &Path) -> (Llava, Vec<Example>, (usize, usize)) {
+    let (_vs, model) = Llava::load(model_dir, Device::Cpu, Kind::Float).unwrap();
+    let mut exs = comparison_examples(
+        &model,
+        env("PAIRS", 2),
+        env("PROMPT", 40),
+        env("RESPONSE", 100),
+        env("SEED", 0) as u64,
+    );
+    attach_reference(&model, &mut exs);
+    let side = model.config.vision_config.image_size;
+    (model, exs, (side, side))
+}
+
+/// Child process: ITERS + 1 training steps of one layout; prints one JSON line.
+fn child(model_dir: &Path, shared: bool) {
+    let threads = env("THREADS", 2);
+    tch::set_num_threads(threads as i32);
+    let iters = env("ITERS", 4);
+    let (_, exs, hw) = inputs(model_dir);
+    // A fresh model: the reference forward above must not count as this model's history.
+    let (vs, model) = Llava::load(model_dir, Device::Cpu, Kind::Float).unwrap();
+    let params = vs.variables().into_iter().collect();
+    let mut opt = AdamW::new(
+        params,
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        },
+    );
+    let cfg = DdpoConfig::default();
+    let batch: Batch = collate(&exs, 0, hw, shared);
+    let tokens: i64 = batch.attention_mask.sum(Kind::Int64).int64_value(&[]);
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    for _ in 0..=iters {
+        let t = Instant::now();
+        let mut sums = ddpo::ddpo::MetricSums::default();
+        opt.zero_grad();
+        assert!(ddpo::train::micro_step(
+            &model,
+            None,
+            &batch,
+            batch.pairs as f64,
+            &cfg,
+            &mut sums
+        ));
+        let norm = opt.grad_norm();
+        if norm > MAX_GRAD_NORM {
+            opt.scale_grads(MAX_GRAD_NORM / (norm + 1e-6));
+        }
+        opt.update(LR);
+        times.push(t.elapsed().as_secs_f64());
+        losses.push(sums.loss / sums.pairs);
+    }
+    let med = median(times[1..].to_vec());
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": if shared { "ddpo shared" } else { "ddpo split" },
+            "median_s": med,
+            "best_s": times[1..].iter().cloned().fold(f64::INFINITY, f64::min),
+            "pairs_per_s": batch.pairs as f64 / med,
+            "peak_rss_mib": peak_rss_mib(),
+            "losses": losses,
+            "tokens_split_layout": tokens,
+            "threads": threads,
+        })
+    );
+}
+
+/// Writes the split-layout batch in the format `ddpo_step_transformers.py --inputs` reads.
+fn write_inputs(exs: &[Example], hw: (usize, usize), path: &Path) {
+    let b = collate(exs, 0, hw, false);
+    let named = [
+        ("input_ids", b.input_ids.shallow_clone()),
+        ("attention_mask", b.attention_mask.shallow_clone()),
+        ("labels", b.labels.shallow_clone()),
+        ("changed", b.changed.shallow_clone()),
+        ("pixel_values", b.pixel_values.shallow_clone()),
+        ("ref_logps", b.ref_logps.as_ref().unwrap().shallow_clone()),
+    ];
+    Tensor::write_safetensors(&named, path).unwrap();
+}
+
+fn run_json(cmd: &mut Command) -> serde_json::Value {
+    let out = cmd.output().expect("start a benchmark child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .unwrap_or_else(|| panic!("{cmd:?} printed no JSON:\n{stdout}"));
+    serde_json::from_str(line).unwrap()
+}
+
+fn python() -> String {
+    std::env::var("DDPO_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// `ddpo::train` (as `ddpo train` runs it) on synthetic data with a cached reference, in a child process:
+/// the median `data_wait_share` of steps 2.. and the median step seconds.
+fn data_wait(root: &Path, threads: usize) -> (f64, f64) {
+    ddpo::data::synth::write_synthetic(&ddpo::data::synth::SynthOptions {
+        out_dir: root.join("data"),
+        pairs: 16,
+        shards: 2,
+        seed: 1,
+        image_size: 336,
+        rows_per_group: 8,
+        prefix: "train".into(),
+        difficulty: Default::default(),
+    })
+    .unwrap();
+    let r = root.display();
+    let cfg = root.join("job.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = \"{r}/model\"\n[reference]\ncache_dir = \"{r}/cache\"\n\
+             [data]\ntrain = [\"{r}/data/train-*.parquet\"]\nmax_length = 2048\n\
+             [train]\noutput_dir = \"{r}/run\"\nbatch_size = 4\nmicro_batch_size = 2\nepochs = 1\n\
+             lr = 1e-5\nwarmup_ratio = 0.0\nlog_every = 1\n"
+        ),
+    )
+    .unwrap();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .env("DDPO_STEP_CHILD", "train")
+        .env("DDPO_STEP_CONFIG", &cfg)
+        .env("THREADS", threads.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the training child failed");
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(root.join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["data_wait_share"].is_number())
+        .collect();
+    let share = median(
+        rows[1..]
+            .iter()
+            .map(|v| v["data_wait_share"].as_f64().unwrap())
+            .collect(),
+    );
+    let step = median(
+        rows[1..]
+            .iter()
+            .map(|v| 4.0 / v["samples_per_sec"].as_f64().unwrap())
+            .collect(),
+    );
+    (share, step)
+}
+
+fn train_child(config: &Path) {
+    tch::set_num_threads(env("THREADS", 2) as i32);
+    let cfg = ddpo::config::Config::load_with_env(config, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let opts = ddpo::train::TrainOptions {
+        device: Device::Cpu,
+        max_steps: None,
+        progress_bar: false,
+    };
+    ddpo::train::train(&cfg, &opts).unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn main() {
+    if let Ok(what) = std::env::var("DDPO_STEP_CHILD") {
+        if what == "train" {
+            train_child(&PathBuf::from(std::env::var("DDPO_STEP_CONFIG").unwrap()));
+        } else {
+            let dir = PathBuf::from(std::env::var("DDPO_STEP_MODEL").unwrap());
+            child(&dir, what == "shared");
+        }
+        return;
+    }
+    // `cargo test --all-targets` runs bench targets too; only `cargo bench` (which passes --bench) measures.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("ddpo_step: a benchmark; run it with `make bench-step`");
+        return;
+    }
+    let threads = env("THREADS", 2);
+    let rounds = env("ROUNDS", 2);
+    let iters = env("ITERS", 4);
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load_start = load();
+    let wall = Instant::now();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let model_dir = root.join("model");
+    init_model(&model_dir, "small", 0).unwrap();
+    let (_, exs, hw) = inputs(&model_dir);
+    let batch_file = root.join("batch.safetensors");
+    write_inputs(&exs, hw, &batch_file);
+    let me = std::env::current_exe().unwrap();
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/ddpo_step_transformers.py");
+
+    let mut results: Vec<(String, Vec<serde_json::Value>)> =
+        ["python", "ddpo split", "ddpo shared"]
+            .iter()
+            .map(|n| (n.to_string(), Vec::new()))
+            .collect();
+    for round in 0..rounds {
+        eprintln!("round {}/{rounds}", round + 1);
+        let mut py = Command::new(python());
+        py.arg(&script)
+            .arg("--model")
+            .arg(&model_dir)
+            .arg("--inputs")
+            .arg(&batch_file)
+            .args([
+                "--iters",
+                &iters.to_string(),
+                "--threads",
+                &threads.to_string(),
+            ])
+            .args(["--beta", "0.5", "--gamma", "5", "--score", "mean"])
+            .args([
+                "--lr",
+                &LR.to_string(),
+                "--max-grad-norm",
+                &MAX_GRAD_NORM.to_string(),
+            ]);
+        results[0].1.push(run_json(&mut py));
+        for (i, layout) in [(1, "split"), (2, "shared")] {
+            let mut c = Command::new(&me);
+            c.env("DDPO_STEP_CHILD", layout)
+                .env("DDPO_STEP_MODEL", &model_dir)
+                .env("OMP_NUM_THREADS", threads.to_string());
+            results[i].1.push(run_json(&mut c));
+        }
+    }
+    let peak = run_json(
+        Command::new(python())
+            .arg(&script)
+            .args(["--matmul-peak", "--threads", &threads.to_string()])
+            .arg("--model")
+            .arg(&model_dir),
+    );
+    let (wait_share, wait_step) = data_wait(root, threads);
+
+    let n_image = 576;
+    let tokens: Vec<usize> = exs
+        .iter()
+        .map(|e| 2 * e.prompt_ids.len() + e.chosen_ids.len() + e.rejected_ids.len())
+        .collect();
+    println!(
+        "DDPO training step, `small` preset (LLaVA-1.5 shape scaled down), fp32 CPU, {threads} threads, \
+         {} pairs/step, prompts {} tokens incl. {n_image} image tokens, answers {}–{} tokens; \
+         median of {iters} steps after a warm-up, {rounds} interleaved rounds",
+        exs.len(),
+        exs[0].prompt_ids.len(),
+        exs.iter().map(|e| e.rejected_ids.len()).min().unwrap(),
+        exs.iter().map(|e| e.chosen_ids.len()).max().unwrap(),
+    );
+    println!("split-layout tokens per pair: {tokens:?}");
+    println!();
+    println!(
+        "| implementation | step s (median of rounds) | pairs/s | peak RSS MiB | first-step loss |"
+    );
+    println!("|---|---|---|---|---|");
+    let mut med = Vec::new();
+    for (name, rs) in &results {
+        let m = median(rs.iter().map(|r| r["median_s"].as_f64().unwrap()).collect());
+        let rss = rs
+            .iter()
+            .map(|r| r["peak_rss_mib"].as_f64().unwrap())
+            .fold(0.0, f64::max);
+        let loss = rs[0]["losses"][0].as_f64().unwrap();
+        println!(
+            "| {name} | {m:.3} | {:.3} | {rss:.0} | {loss:.6} |",
+            exs.len() as f64 / m
+        );
+        med.push((m, rss, loss));
+    }
+    println!();
+    println!(
+        "shared-prefix step vs split step: {:.2}x faster (target >= 1.5x)",
+        med[1].0 / med[2].0
+    );
+    println!(
+        "ddpo (shared) vs the Python baseline: {:.2}x the throughput (target >= 2.5x); peak RSS {:.0} vs {:.0} MiB",
+        med[0].0 / med[2].0,
+        med[2].1,
+        med[0].1
+    );
+    println!(
+        "first-step loss: python {:.6}, split {:.6}, shared {:.6} (max diff {:.1e})",
+        med[0].2,
+        med[1].2,
+        med[2].2,
+        (med[0].2 - med[1].2).abs().max((med[0].2 - med[2].2).abs())
+    );
+    let flops = results[0].1[0]["flops_per_pair"].as_f64();
+    let gflops = peak["gflops_2048"]
+        .as_f64()
+        .or(peak["peak_gflops"].as_f64());
+    if let (Some(f), Some(p)) = (flops, gflops) {
+        println!(
+            "model FLOPs per pair (baseline's computation, forward + backward): {:.1} GFLOP; measured matmul peak {p:.1} GFLOP/s",
+            f / 1e9
+        );
+        for (i, (name, _)) in results.iter().enumerate() {
+            let per_s = exs.len() as f64 / med[i].0 * f / 1e9;
+            println!(
+                "  {name}: {per_s:.1} GFLOP/s of model FLOPs = {:.0} % of peak",
+                100.0 * per_s / p
+            );
+        }
+    } else {
+        println!(
+            "(FLOPs: python JSON {:?}; peak JSON {peak})",
+            results[0].1[0]
+        );
+    }
+    println!(
+        "data wait (`ddpo train`, synthetic 336 px pairs, batch 4, micro-batch 2): median {:.2} % of a {:.2} s step (target < 2 %)",
+        100.0 * wait_share,
+        wait_step
+    );
+    println!(
+        "wall {:.0} s; load average at start {} at end {}",
+        wall.elapsed().as_secs_f64(),
+        load_start.trim(),
+        load().trim()
+    );
+}
