@@ -224,6 +224,11 @@ pub struct TrainConfig {
     /// masked from each other) instead of two; same log-probs, less work. Also used by precompute.
     #[serde(default = "defaults::shared_prefix")]
     pub shared_prefix: bool,
+    /// Sharding across data-parallel ranks (ZeRO): 0 = none, 1 = optimizer state (AdamW moments and fp32
+    /// masters), 2 = optimizer state and gradients. Each rank then updates only its slice of the flattened
+    /// parameters and the updated slices are gathered.
+    #[serde(default)]
+    pub zero_stage: u8,
 }
 
 impl Default for TrainConfig {
@@ -244,6 +249,7 @@ impl Default for TrainConfig {
             eval_every: 0,
             log_every: defaults::log_every(),
             shared_prefix: defaults::shared_prefix(),
+            zero_stage: 0,
         }
     }
 }
@@ -505,6 +511,10 @@ impl Config {
         check(
             t.micro_batch_size >= 1,
             "train.micro_batch_size = 0: must be >= 1".into(),
+        );
+        check(
+            t.zero_stage <= 2,
+            format!("train.zero_stage = {}: must be 0, 1 or 2", t.zero_stage),
         );
         check(
             t.lr.is_finite() && t.lr > 0.0,
