@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind};
 
-use super::optim::AdamW;
+use tch::Tensor;
 
 #[derive(Debug, thiserror::Error)]
 #[error("checkpoint {}: {reason}", path.display())]
@@ -67,7 +67,7 @@ pub fn save(
     output_dir: &Path,
     vs: &nn::VarStore,
     model_dir: &Path,
-    opt: &AdamW,
+    opt_state: &[(String, Tensor)],
     state: &TrainerState,
     keep_last: usize,
 ) -> Result<PathBuf, CheckpointError> {
@@ -90,7 +90,7 @@ pub fn save(
         if let Some(e) = injected_fault() {
             return Err(err(&tmp, format!("writing optimizer.safetensors: {e}")));
         }
-        opt.save(&tmp.join("optimizer.safetensors"))
+        super::optim::write_state(opt_state, &tmp.join("optimizer.safetensors"))
             .map_err(|e| err(&tmp, e.to_string()))?;
         for f in MODEL_FILES {
             let src = model_dir.join(f);

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::collective::{Collective, CollectiveError, LocalCollective};
+use crate::collective::{self, Collective, CollectiveError, LocalCollective};
 use crate::config::{Config, Dtype, FreezeTarget, ReferenceMode};
 use crate::data::collate::{collate, Batch};
 use crate::data::pipeline::{Example, Preprocessor};
@@ -293,19 +293,39 @@ impl Run<'_> {
         let t_compute = Instant::now();
         let (sums, bad) = self.reduce_sums(&sums, if finite { 0.0 } else { 1.0 })?;
         if self.world() > 1 {
+            // Every trainable tensor takes part, in name order (a zero stand-in for one without a gradient),
+            // so the buckets — and with them each element's summation order — are the same whatever the
+            // ZeRO stage, and match the optimizer's ownership.
             let grads: Vec<Tensor> = self
                 .opt
                 .params()
-                .map(|(_, p)| p.grad())
-                .filter(|g| g.defined())
+                .map(|(_, p)| {
+                    let g = p.grad();
+                    if g.defined() {
+                        g
+                    } else {
+                        Tensor::zeros_like(p)
+                    }
+                })
                 .collect();
-            self.comm.all_reduce_mean_tensors(&grads, BUCKET_BYTES)?;
+            if self.cfg.train.zero_stage >= 2 {
+                // Each rank keeps only its reduced chunk.
+                collective::reduce_scatter_mean_tensors(&mut *self.comm, &grads, BUCKET_BYTES)?;
+            } else {
+                self.comm.all_reduce_mean_tensors(&grads, BUCKET_BYTES)?;
+            }
             tracing::debug!(
                 secs = t_compute.elapsed().as_secs_f64(),
-                "gradient all-reduce"
+                "gradient exchange"
             );
         }
-        let norm = self.opt.grad_norm();
+        let norm = if self.opt.is_sharded() {
+            let mut sq = [self.opt.grad_sq_local()];
+            self.comm.all_reduce_sum_f64(&mut sq)?;
+            sq[0].sqrt()
+        } else {
+            self.opt.grad_norm()
+        };
         if bad > 0.0 || !norm.is_finite() {
             self.opt.zero_grad();
             return Ok((sums, norm, false));
@@ -316,6 +336,11 @@ impl Run<'_> {
         }
         let t_update = Instant::now();
         self.opt.update(lr);
+        if self.opt.is_sharded() {
+            // Each rank updated its slices; now everybody takes everybody's.
+            let params: Vec<Tensor> = self.opt.params().map(|(_, p)| p.detach()).collect();
+            collective::all_gather_tensors(&mut *self.comm, &params, BUCKET_BYTES)?;
+        }
         tracing::debug!(secs = t_update.elapsed().as_secs_f64(), "optimizer update");
         self.opt.zero_grad();
         let every = self.cfg.cluster.replica_check_every;
@@ -362,12 +387,18 @@ impl Run<'_> {
             // A checkpoint holds rank 0's weights only: make sure they are everybody's.
             self.check_replicas_agree(self.state.step)?;
         }
+        // Sharded state is gathered by every rank together; unsharded, rank 0 has it all.
+        let opt_state = if self.opt.is_sharded() || self.rank() == 0 {
+            self.opt.gather_state(&mut *self.comm, 0)?
+        } else {
+            Vec::new()
+        };
         if self.rank() == 0 {
             checkpoint::save(
                 &self.cfg.train.output_dir,
                 &self.vs,
                 &self.cfg.model.path,
-                &self.opt,
+                &opt_state,
                 &self.state,
                 self.cfg.train.keep_last,
             )?;
@@ -596,15 +627,17 @@ pub fn train_distributed(
             "model.freeze leaves nothing to train".into(),
         ));
     }
-    let mut opt = AdamW::new(
-        params,
-        AdamWConfig {
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: cfg.train.weight_decay,
-        },
-    );
+    let adamw = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: cfg.train.weight_decay,
+    };
+    let mut opt = if world > 1 && cfg.train.zero_stage >= 1 {
+        AdamW::sharded(params, adamw, world, rank, BUCKET_BYTES)
+    } else {
+        AdamW::new(params, adamw)
+    };
     let metrics_path = out_dir.join("metrics.jsonl");
     let state = match &resumed {
         Some(s) => {
