@@ -9,7 +9,8 @@ CARGO := scripts/with-torch cargo
 DEMO := target/demo
 BIN := target/debug
 
-.PHONY: setup build test demo lint bench-data bench-forward bench-train bench-collective bench-step clean-demo
+# CI (.ci/run) calls `make test`: cargo tests, formatting, the deploy checks and a real one-node Slurm cluster.
+.PHONY: setup build test test-slurm test-deploy demo lint bench-data bench-forward bench-train bench-collective bench-step clean-demo
 
 setup:
 	@scripts/setup.sh >/dev/null
@@ -20,6 +21,16 @@ build: setup
 test: build
 	$(CARGO) test --all-targets --no-fail-fast
 	cargo fmt --check
+	BIN=$(BIN) tests/deploy/check.sh
+	BIN=$(BIN) tests/slurm/run.sh
+
+# A real one-node Slurm cluster (root; installs slurm-wlm and munge if missing): deploy/slurm/ddpo.sbatch end to end.
+test-slurm: build
+	BIN=$(BIN) tests/slurm/run.sh
+
+# shellcheck, Kubernetes manifests (render + schema validation), no machine specifics in deploy/, local launcher.
+test-deploy: build
+	BIN=$(BIN) tests/deploy/check.sh
 
 lint: setup
 	cargo fmt --check
