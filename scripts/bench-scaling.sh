@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 scripts/with-torch cargo build --release --bins >&2
 B=$PWD/target/release
 W=$(mktemp -d)
-trap 'pkill -P $$ 2>/dev/null || true; rm -rf "$W"' EXIT
+trap 'pkill -P $$ 2>/dev/null || true; [[ -n ${KEEP:-} ]] && cp "$W"/*.log "$KEEP"/; rm -rf "$W"' EXIT
 cd "$W"
 "$B/ddpo" init-model --out m --preset small >/dev/null
 "$B/ddpo" synth --out d --pairs 32 --shards 2 --seed 1 --image-size 336 >/dev/null
@@ -67,7 +67,7 @@ for run, label in (("1", "1 worker x 1 thread"), ("2", "2 workers x 1 thread"), 
     # Phase timings (seconds, both ranks, steps 2..) from the workers' debug logs.
     phases = {}
     for line in open(f"w{run}.log"):
-        m = re.search(r"DEBUG (.+?) secs=([0-9.]+)", re.sub(r"\x1b\[[0-9;]*m", "", line))
+        m = re.search(r"DEBUG (.+?) secs=([0-9.eE+-]+)", re.sub(r"\x1b\[[0-9;]*m", "", line))
         if m:
             phases.setdefault(m.group(1), []).append(float(m.group(2)))
     step = statistics.median(4 / r["samples_per_sec"] for r in rows[1:])
