@@ -225,8 +225,11 @@ pub struct TrainConfig {
     #[serde(default = "defaults::shared_prefix")]
     pub shared_prefix: bool,
     /// Sharding across data-parallel ranks (ZeRO): 0 = none, 1 = optimizer state (AdamW moments and fp32
-    /// masters), 2 = optimizer state and gradients. Each rank then updates only its slice of the flattened
-    /// parameters and the updated slices are gathered.
+    /// masters), 2 = that plus gradients reduce-scattered instead of all-reduced (each rank receives only its
+    /// slice: half the gradient traffic of stage 1). Each rank updates only its slice of the flattened
+    /// parameters and the updated slices are all-gathered. The gradient buffers themselves stay full-size
+    /// (autograd fills them before any exchange; tch has no per-parameter hooks to free them early), so
+    /// stage 2 needs the same memory as stage 1.
     #[serde(default)]
     pub zero_stage: u8,
 }

@@ -40,12 +40,16 @@ impl Job {
 
     /// Global batch 6, micro-batch 1: accumulation 3 on 2 ranks, 2 on 3; 4 steps an epoch, 2 epochs.
     fn config(&self, name: &str, world: usize, stage: u8) -> Config {
+        self.config_with(name, world, stage, "")
+    }
+
+    fn config_with(&self, name: &str, world: usize, stage: u8, train: &str) -> Config {
         let r = self.root.display();
         let text = format!(
             "[model]\npath = \"{r}/model\"\n[reference]\ncache_dir = \"{r}/cache\"\n\
              [data]\ntrain = [\"{r}/data/train-*.parquet\"]\nmax_length = 256\n\
              [train]\noutput_dir = \"{r}/{name}\"\nseed = 3\nwarmup_ratio = 0.0\nbatch_size = 6\n\
-             micro_batch_size = 1\nepochs = 2\nlr = 2e-3\nweight_decay = 0.01\nzero_stage = {stage}\n\
+             micro_batch_size = 1\nepochs = 2\nlr = 2e-3\nweight_decay = 0.01\nzero_stage = {stage}\n{train}\n\
              [cluster]\nworld_size = {world}\nreplica_check_every = 1\n"
         );
         let p = self.root.join(format!("{name}.toml"));
@@ -137,6 +141,13 @@ fn zero_stages_equal_plain_data_parallel() {
             let name = format!("zero{stage}-{world}");
             let reports = run(&job.config(&name, world, stage), world, None);
             let dir = reports[0].last_checkpoint.clone().unwrap();
+            // The trainer really sharded: the ranks' state adds up to one unsharded rank's.
+            let shares: Vec<usize> = reports.iter().map(|r| r.optimizer_state_bytes).collect();
+            assert_eq!(
+                shares.iter().sum::<usize>(),
+                plain[0].optimizer_state_bytes,
+                "{shares:?}"
+            );
             for file in ["model.safetensors", "optimizer.safetensors"] {
                 let (worst, largest) = max_diff(&plain_dir.join(file), &dir.join(file));
                 eprintln!(
@@ -158,6 +169,51 @@ fn zero_stages_equal_plain_data_parallel() {
             }
         }
     }
+}
+
+/// With clipping on every step (max_grad_norm far below the gradient norm), ZeRO-2 on 3 ranks still ends
+/// with plain data parallelism's weights: the global norm is summed from per-rank slices, and its last bits
+/// must not change the clipped update.
+#[test]
+fn zero_with_clipping_equals_plain_data_parallel() {
+    let job = Job::new();
+    let clip = "max_grad_norm = 0.001";
+    let plain = run(&job.config_with("plain-clip", 3, 0, clip), 3, None);
+    let zero = run(&job.config_with("zero-clip", 3, 2, clip), 3, None);
+    let norms = |name: &str| -> Vec<f64> {
+        std::fs::read_to_string(job.root.join(name).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter_map(|v| v["grad_norm"].as_f64())
+            .collect()
+    };
+    let (a, b) = (norms("plain-clip"), norms("zero-clip"));
+    assert_eq!(a.len(), 8);
+    for (x, y) in a.iter().zip(&b) {
+        assert!(
+            *x > 0.01,
+            "clipping must fire at every step: grad norms {a:?}"
+        );
+        assert!((x - y).abs() <= 1e-9 * x, "grad norms {a:?} vs {b:?}");
+    }
+    let (worst, largest) = max_diff(
+        &plain[0]
+            .last_checkpoint
+            .clone()
+            .unwrap()
+            .join("model.safetensors"),
+        &zero[0]
+            .last_checkpoint
+            .clone()
+            .unwrap()
+            .join("model.safetensors"),
+    );
+    eprintln!("clipped: weights max diff {worst:e} (largest {largest:e})");
+    assert_eq!(
+        worst, 0.0,
+        "clipped ZeRO-2 weights differ from plain DP by {worst}"
+    );
 }
 
 /// Each rank's optimizer state is its 1/world share: the shares add up to the unsharded state.

@@ -279,14 +279,24 @@ impl Feed {
     /// `step`'s micro-batches and the seconds spent waiting for them.
     pub fn next(&mut self, step: usize) -> Result<(Vec<Batch>, f64), TrainError> {
         let t = Instant::now();
-        let got = self
-            .rx
-            .as_ref()
-            .expect("open until dropped")
-            .recv()
-            .map_err(|_| {
-                TrainError::Setup(format!("the data thread ended before step {}", step + 1))
-            })??;
+        let got = match self.rx.as_ref().expect("open until dropped").recv() {
+            Ok(got) => got?,
+            Err(_) => {
+                // The thread ended without a word: it panicked (an assertion in collation); say why.
+                let why = match self.thread.take().map(|t| t.join()) {
+                    Some(Err(panic)) => panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "a panic".into()),
+                    _ => "no reason given".into(),
+                };
+                return Err(TrainError::Setup(format!(
+                    "the data thread ended before step {}: {why}",
+                    step + 1
+                )));
+            }
+        };
         assert_eq!(got.step, step, "the feed runs in step order");
         Ok((got.batches, t.elapsed().as_secs_f64()))
     }

@@ -129,6 +129,8 @@ pub struct TrainReport {
     pub reference_loaded: bool,
     /// Ended early because a stop was requested (with a checkpoint).
     pub stopped: bool,
+    /// Bytes of optimizer state this rank held (moments and fp32 masters; 1/world of it under ZeRO).
+    pub optimizer_state_bytes: usize,
 }
 
 /// The weight dtype for a device: `fp32` and `bf16` as asked (bf16 works on CPU too), `auto` is bf16 on CUDA
@@ -862,5 +864,6 @@ pub fn train_distributed(
         last_eval,
         reference_loaded,
         stopped,
+        optimizer_state_bytes: run.opt.state_bytes(),
     })
 }
