@@ -74,7 +74,7 @@ fn comparison_examples(
     seed: u64,
 ) -> Vec<Example> {
     let cfg = &model.config;
-    let image_token = cfg.image_token_index() as u32;
+    let image_token = cfg.image_token_index();
     let n_image = cfg.num_image_tokens();
     let side = cfg.vision_config.image_size;
     let mut rng = SplitMix::new(seed);
@@ -469,7 +469,10 @@ fn main() {
             );
         }
     } else {
-        println!("(no FLOP count: python JSON {}; peak JSON {peak})", results[0].1[0]);
+        println!(
+            "(no FLOP count: python JSON {}; peak JSON {peak})",
+            results[0].1[0]
+        );
     }
     println!(
         "data wait (`ddpo train`, synthetic 336 px pairs, batch 4, micro-batch 2): median {:.2} % of a {:.2} s step (target < 2 %)",
