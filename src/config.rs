@@ -232,6 +232,9 @@ pub struct TrainConfig {
     /// stage 2 needs the same memory as stage 1.
     #[serde(default)]
     pub zero_stage: u8,
+    /// Refuse to start when the memory plan (`memplan`) exceeds the device's memory; false: warn and start.
+    #[serde(default = "defaults::yes")]
+    pub memory_check: bool,
 }
 
 impl Default for TrainConfig {
@@ -253,6 +256,7 @@ impl Default for TrainConfig {
             log_every: defaults::log_every(),
             shared_prefix: defaults::shared_prefix(),
             zero_stage: 0,
+            memory_check: true,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod coordinator;
 pub mod data;
 pub mod ddpo;
 pub mod logging;
+pub mod memplan;
 pub mod model;
 pub mod refcache;
 pub mod rpc;

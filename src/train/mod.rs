@@ -515,6 +515,9 @@ pub fn train_distributed(
     let (rank, world) = (comm.rank(), comm.world_size());
     let device = opts.device;
     let kind = weight_kind(cfg.model.dtype, device);
+    // The memory plan (src/memplan.rs), before anything is loaded: logged, and a job that cannot fit is refused.
+    crate::memplan::check_before_training(cfg, device, kind, rank, world)
+        .map_err(TrainError::Setup)?;
     let out_dir = &cfg.train.output_dir;
     std::fs::create_dir_all(out_dir).map_err(|source| TrainError::Io {
         path: out_dir.clone(),
