@@ -102,10 +102,14 @@ pub fn save(
         let state_json = serde_json::to_vec_pretty(state).expect("state serialises");
         std::fs::write(tmp.join("trainer_state.json"), state_json)
             .map_err(|e| err(&tmp, e.to_string()))?;
+        // On disk before the rename makes the folder visible: a power loss or node crash after the rename
+        // must not leave a complete-looking checkpoint with truncated files.
+        sync_tree(&tmp).map_err(|e| err(&tmp, format!("syncing to disk: {e}")))?;
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(|e| err(&dir, e.to_string()))?;
         }
-        std::fs::rename(&tmp, &dir).map_err(|e| err(&dir, e.to_string()))
+        std::fs::rename(&tmp, &dir).map_err(|e| err(&dir, e.to_string()))?;
+        sync_dir(output_dir).map_err(|e| err(output_dir, format!("syncing to disk: {e}")))
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -113,6 +117,22 @@ pub fn save(
     }
     prune(output_dir, keep_last);
     Ok(dir)
+}
+
+/// fsync of every file in `dir` and of `dir` itself.
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// fsync of a directory (its entries: the files created or renamed in it).
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Removes temporary checkpoint folders left by crashed runs (`.checkpoint-<step>.tmp-<pid>`), which are
