@@ -9,6 +9,8 @@
 //! and each keeps its best pass. Bus bandwidth = 2(n−1)/n × bytes / time.
 //! Env: SIZES_MB (default 1,4,16,64,256), WORLDS (default 2,3), ROUNDS (default 5), PASSES (default 2),
 //! SEGMENT_BYTES (ring only), RING_ONLY (skip Gloo, for tuning).
+mod common;
+use common::median;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
@@ -31,11 +33,6 @@ fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
 /// Iterations per round: ~512 MiB of buffer per round for small sizes, at least 3.
 fn iters_for(bytes: usize) -> usize {
     (512 * MIB / bytes).clamp(3, 40)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 /// Child mode: one rank. Protocol on stdio: print "@@ring addr A", read the peers line, then per size and

@@ -20,6 +20,8 @@
 //! waiting for data (`data_wait_share` in its metrics.jsonl).
 //!
 //! Env: PAIRS (2), PROMPT (40), RESPONSE (100), ITERS (4), ROUNDS (2), THREADS (2), SEED (0).
+mod common;
+use common::{env, median};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -36,18 +38,6 @@ use tch::{Device, Kind, Tensor};
 
 const LR: f64 = 5e-7;
 const MAX_GRAD_NORM: f64 = 1.0;
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 /// Peak resident memory of this process (VmHWM) in MiB.
 fn peak_rss_mib() -> f64 {

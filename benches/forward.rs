@@ -2,6 +2,8 @@
 //! model directory, inputs and thread count, in one run. fp32, CPU, inference mode. Not a test.
 //! Run: `make bench-forward` (or `scripts/with-torch cargo bench --bench forward`).
 //! Env: ITERS (default 5), THREADS (default 2), PAIRS (default 2), RESPONSE (default 100), PROMPT (default 40).
+mod common;
+use common::{env, median};
 
 use std::process::Command;
 use std::time::Instant;
@@ -10,18 +12,6 @@ use ddpo::data::collate::IGNORE;
 use ddpo::model::llava::Llava;
 use ddpo::model::preset::init_model;
 use tch::{Device, Kind, Tensor};
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {

@@ -14,19 +14,14 @@
 //! then tests the whole plan with that constant.
 //!
 //! Env: PAIRS (8), REPEATS (3), THREADS (2), KEEP (unset: the work folder is deleted).
+mod common;
+use common::env;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use ddpo::config::Config;
 use ddpo::memplan::{self, fmt_bytes, MemoryPlan, PlanDevice, PlanInput, WeightDtype};
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn mib(b: u64) -> f64 {
     b as f64 / (1u64 << 20) as f64

@@ -15,6 +15,8 @@
 //!    from /proc/<pid>/status, polled), REPEATS runs each, with the step time its metrics.jsonl reports.
 //!
 //! Env: PAIRS (16), ITERS (6), STEPS (4), REPEATS (2), THREADS (2), BATCH (2 pairs), IMAGE_SIZE (448).
+mod common;
+use common::{env, median};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,21 +34,6 @@ use ddpo::refcache::{precompute, RefCache};
 use ddpo::train::data::{epoch_order, PairSource, RowRef};
 use ddpo::train::optim::{AdamW, AdamWConfig};
 use tch::{Device, Kind, Tensor};
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 fn mib(bytes: f64) -> f64 {
     bytes / (1024.0 * 1024.0)

@@ -184,7 +184,8 @@ pub struct PlanInput {
     pub freeze: Vec<FreezeTarget>,
     /// Data-parallel ranks.
     pub world: usize,
-    /// `train.zero_stage`: 0 none; 1 AdamW moments and fp32 masters sharded 1/world; 2 gradients too.
+    /// `train.zero_stage`: 0 none; 1 and 2 shard AdamW moments and fp32 masters 1/world (2 reduce-scatters the
+    /// gradients, whose buffers stay full-size).
     pub zero_stage: u8,
     /// `train.micro_batch_size`: pairs per forward on one rank.
     pub micro_batch_size: usize,
@@ -199,6 +200,30 @@ pub struct PlanInput {
 }
 
 impl PlanInput {
+    /// A named architecture with the defaults `ddpo plan --preset` starts from: one rank, no ZeRO, micro-batch
+    /// 1, batch 32, sequences at a 2048-token bound, shared prefix, cached reference, full fine-tuning.
+    pub fn for_architecture(
+        name: &str,
+        model: LlavaConfig,
+        dtype: WeightDtype,
+        device: PlanDevice,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            lengths: Lengths::bound(&model, 2048),
+            model,
+            dtype,
+            freeze: vec![],
+            world: 1,
+            zero_stage: 0,
+            micro_batch_size: 1,
+            batch_size: 32,
+            shared_prefix: true,
+            reference: ReferenceMode::Cached,
+            device,
+        }
+    }
+
     /// The plan input of a job config on `device` with `world` ranks; sequence lengths at the
     /// `data.max_length` bound.
     pub fn from_config(
@@ -1309,22 +1334,7 @@ mod tests {
     use crate::model::llava::Llava;
 
     fn input(name: &str, device: PlanDevice, dtype: WeightDtype) -> PlanInput {
-        let model = architecture(name).unwrap();
-        let lengths = Lengths::bound(&model, 2048);
-        PlanInput {
-            name: name.into(),
-            model,
-            dtype,
-            freeze: vec![],
-            world: 1,
-            zero_stage: 0,
-            micro_batch_size: 1,
-            batch_size: 32,
-            lengths,
-            shared_prefix: true,
-            reference: ReferenceMode::Cached,
-            device,
-        }
+        PlanInput::for_architecture(name, architecture(name).unwrap(), dtype, device)
     }
 
     /// (total, vision, projector, language model, largest) numel of a real VarStore.

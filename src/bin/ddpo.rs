@@ -664,20 +664,7 @@ fn cmd_plan(a: PlanArgs) -> Result<ExitCode> {
                 )
             })?;
             let dtype = WeightDtype::of(ddpo::train::weight_kind(Dtype::Auto, device));
-            bases.push(PlanInput {
-                name: name.to_string(),
-                lengths: Lengths::bound(&model, 2048),
-                model,
-                dtype,
-                freeze: vec![],
-                world: 1,
-                zero_stage: 0,
-                micro_batch_size: 1,
-                batch_size: 32,
-                shared_prefix: true,
-                reference: ReferenceMode::Cached,
-                device: plan_device,
-            });
+            bases.push(PlanInput::for_architecture(name, model, dtype, plan_device));
         }
     }
     if let Some(w) = &a.world {

@@ -279,20 +279,33 @@ pub fn mean_tensors_on_host<C: Collective + ?Sized>(
     if world == 1 || tensors.is_empty() {
         return Ok(());
     }
+    let scale = world as f32;
+    through_host_buckets(tensors, bucket_bytes, |buf| {
+        c.all_reduce_sum_f32(buf)?;
+        for x in buf.iter_mut() {
+            *x /= scale;
+        }
+        Ok(None)
+    })
+}
+
+/// Runs `op` on every bucket of `tensors` ([`plan_buckets`]) staged in one reusable host f32 buffer: copy in,
+/// `op`, copy back — only the bucket positions in the range `op` returns, or all of them.
+fn through_host_buckets(
+    tensors: &[Tensor],
+    bucket_bytes: usize,
+    mut op: impl FnMut(&mut [f32]) -> Result<Option<Range<usize>>, CollectiveError>,
+) -> Result<(), CollectiveError> {
     tch::no_grad(|| {
         let flats = FlatTensors::new(tensors)?;
         let buckets = plan_buckets(&flats.numels(), bucket_bytes);
         let cap = buckets.iter().map(|b| b.len).max().unwrap_or(0);
         let mut host = vec![0f32; cap];
-        let scale = world as f32;
         for bucket in &buckets {
             let buf = &mut host[..bucket.len];
             copy_bucket_in(&flats, bucket, buf)?;
-            c.all_reduce_sum_f32(buf)?;
-            for x in buf.iter_mut() {
-                *x /= scale;
-            }
-            copy_bucket_out(&flats, bucket, buf, None)?;
+            let only = op(buf)?;
+            copy_bucket_out(&flats, bucket, buf, only.as_ref())?;
         }
         flats.finish()
     })
@@ -334,22 +347,13 @@ pub fn reduce_scatter_mean_tensors(
     if world == 1 || tensors.is_empty() {
         return Ok(());
     }
-    tch::no_grad(|| {
-        let flats = FlatTensors::new(tensors)?;
-        let buckets = plan_buckets(&flats.numels(), bucket_bytes);
-        let cap = buckets.iter().map(|b| b.len).max().unwrap_or(0);
-        let mut host = vec![0f32; cap];
-        let scale = world as f32;
-        for bucket in &buckets {
-            let buf = &mut host[..bucket.len];
-            copy_bucket_in(&flats, bucket, buf)?;
-            let mine = c.reduce_scatter_sum_f32(buf)?;
-            for x in buf[mine.clone()].iter_mut() {
-                *x /= scale;
-            }
-            copy_bucket_out(&flats, bucket, buf, Some(&mine))?;
+    let scale = world as f32;
+    through_host_buckets(tensors, bucket_bytes, |buf| {
+        let mine = c.reduce_scatter_sum_f32(buf)?;
+        for x in buf[mine.clone()].iter_mut() {
+            *x /= scale;
         }
-        flats.finish()
+        Ok(Some(mine))
     })
 }
 
@@ -364,18 +368,9 @@ pub fn all_gather_tensors(
     if c.world_size() == 1 || tensors.is_empty() {
         return Ok(());
     }
-    tch::no_grad(|| {
-        let flats = FlatTensors::new(tensors)?;
-        let buckets = plan_buckets(&flats.numels(), bucket_bytes);
-        let cap = buckets.iter().map(|b| b.len).max().unwrap_or(0);
-        let mut host = vec![0f32; cap];
-        for bucket in &buckets {
-            let buf = &mut host[..bucket.len];
-            copy_bucket_in(&flats, bucket, buf)?;
-            c.all_gather_f32(buf)?;
-            copy_bucket_out(&flats, bucket, buf, None)?;
-        }
-        flats.finish()
+    through_host_buckets(tensors, bucket_bytes, |buf| {
+        c.all_gather_f32(buf)?;
+        Ok(None)
     })
 }
 
