@@ -10,7 +10,9 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -221,6 +223,9 @@ pub struct StepData {
 pub struct Feed {
     rx: Option<Receiver<Result<StepData, TrainError>>>,
     thread: Option<JoinHandle<()>>,
+    /// Set when the consumer goes away: the thread stops between examples instead of finishing a step
+    /// nobody will take (a slow filesystem must not delay a failing job's exit).
+    stop: Arc<AtomicBool>,
 }
 
 impl Feed {
@@ -235,6 +240,8 @@ impl Feed {
         let hw = pre.image.fixed_output_size().ok_or_else(|| {
             TrainError::Setup("the image processor has no fixed output size".into())
         })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
         let thread = std::thread::Builder::new()
             .name("ddpo-data".into())
             .spawn(move || {
@@ -254,7 +261,12 @@ impl Feed {
                         .map(|micro| {
                             let exs = micro
                                 .iter()
-                                .map(|&r| src.example(r))
+                                .map(|&r| {
+                                    if stopped.load(Ordering::Relaxed) {
+                                        return Err(TrainError::Setup("data feed stopped".into()));
+                                    }
+                                    src.example(r)
+                                })
                                 .collect::<Result<Vec<_>, _>>()?;
                             Ok(collate(&exs, pad, hw, plan.shared_prefix))
                         })
@@ -273,6 +285,7 @@ impl Feed {
         Ok(Feed {
             rx: Some(rx),
             thread: Some(thread),
+            stop,
         })
     }
 
@@ -304,7 +317,8 @@ impl Feed {
 
 impl Drop for Feed {
     fn drop(&mut self) {
-        // Closing the queue ends a thread blocked on a full queue; then it can be joined.
+        // The flag stops a thread between examples; closing the queue ends one blocked on a full queue.
+        self.stop.store(true, Ordering::Relaxed);
         drop(self.rx.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
