@@ -41,7 +41,49 @@ pub struct Config {
     pub train: TrainConfig,
     #[serde(default)]
     pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub lora: LoraConfig,
 }
+
+/// LoRA adapters on the language model's projections (`rank` 0 = off, full fine-tuning). With LoRA only the
+/// adapters train; the base weights stay frozen, so the reference is the base model itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    #[serde(default)]
+    pub rank: usize,
+    /// The update is scaled by alpha / rank (PEFT's `lora_alpha`).
+    #[serde(default = "defaults::lora_alpha")]
+    pub alpha: f64,
+    /// Only 0 is supported yet.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Decoder projections: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`.
+    #[serde(default = "defaults::lora_targets")]
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            rank: 0,
+            alpha: defaults::lora_alpha(),
+            dropout: 0.0,
+            target_modules: defaults::lora_targets(),
+        }
+    }
+}
+
+/// The decoder projections LoRA can adapt.
+pub const LORA_TARGETS: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -374,6 +416,14 @@ mod defaults {
     pub fn shared_prefix() -> bool {
         true
     }
+    pub fn lora_alpha() -> f64 {
+        16.0
+    }
+    pub fn lora_targets() -> Vec<String> {
+        ["q_proj", "k_proj", "v_proj", "o_proj"]
+            .map(String::from)
+            .to_vec()
+    }
     pub fn replica_check_every() -> usize {
         50
     }
@@ -408,7 +458,12 @@ pub fn parse_device(s: &str) -> Result<tch::Device, String> {
 }
 
 /// Keys whose environment values are comma-separated lists.
-const LIST_KEYS: &[&str] = &["data.train", "data.eval", "model.freeze"];
+const LIST_KEYS: &[&str] = &[
+    "data.train",
+    "data.eval",
+    "model.freeze",
+    "lora.target_modules",
+];
 
 impl Config {
     /// Reads `path`, applies `DDPO__SECTION__KEY` environment overrides, checks for unknown keys and types,
@@ -489,6 +544,30 @@ impl Config {
                 p.push(msg);
             }
         };
+        let l = &self.lora;
+        if l.rank > 0 {
+            check(
+                l.alpha.is_finite() && l.alpha > 0.0,
+                format!("lora.alpha = {}: must be > 0", l.alpha),
+            );
+            check(
+                l.dropout == 0.0,
+                format!("lora.dropout = {}: only 0 is supported yet", l.dropout),
+            );
+            check(
+                !l.target_modules.is_empty(),
+                "lora.target_modules is empty".into(),
+            );
+            for t in &l.target_modules {
+                check(
+                    LORA_TARGETS.contains(&t.as_str()),
+                    format!(
+                        "lora.target_modules: {t:?} is not one of {}",
+                        LORA_TARGETS.join(", ")
+                    ),
+                );
+            }
+        }
         let d = &self.ddpo;
         check(
             d.beta.is_finite() && d.beta > 0.0,
@@ -682,6 +761,7 @@ fn known_keys() -> serde_json::Value {
         ddpo: DdpoConfig::default(),
         train: TrainConfig::default(),
         cluster: ClusterConfig::default(),
+        lora: LoraConfig::default(),
     };
     serde_json::to_value(example).expect("config serialises")
 }
@@ -792,6 +872,28 @@ train = ["d/*.parquet"]
         assert_eq!(c.ddpo.score, Score::Sum);
         assert_eq!(c.data.train, vec!["a.parquet", "b.parquet"]);
         assert_eq!(c.cluster.world_size, 4);
+    }
+
+    #[test]
+    fn lora_settings_are_checked() {
+        let c = parse(&format!(
+            "{MINIMAL}\n[lora]\nrank = 8\ntarget_modules = [\"q_proj\", \"down_proj\"]\n"
+        ))
+        .unwrap();
+        assert_eq!((c.lora.rank, c.lora.alpha), (8, 16.0));
+        assert_eq!(c.lora.target_modules, ["q_proj", "down_proj"]);
+        let e = parse(&format!(
+            "{MINIMAL}\n[lora]\nrank = 8\ndropout = 0.1\ntarget_modules = [\"qproj\"]\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("lora.dropout = 0.1: only 0 is supported yet"),
+            "{e}"
+        );
+        assert!(e.contains("\"qproj\" is not one of q_proj"), "{e}");
+        let c = parse_env(MINIMAL, &[("DDPO__LORA__TARGET_MODULES", "v_proj,o_proj")]).unwrap();
+        assert_eq!(c.lora.target_modules, ["v_proj", "o_proj"]);
     }
 
     #[test]

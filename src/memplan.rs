@@ -239,7 +239,17 @@ impl PlanInput {
             name,
             model,
             dtype,
-            freeze: cfg.model.freeze.clone(),
+            // LoRA: the base model is frozen; the adapters' own bytes (rank × (in + out) per projection) are
+            // left out — under 1 % of the base at the usual ranks. Activations are still counted in full.
+            freeze: if cfg.lora.rank > 0 {
+                vec![
+                    FreezeTarget::VisionTower,
+                    FreezeTarget::Projector,
+                    FreezeTarget::LanguageModel,
+                ]
+            } else {
+                cfg.model.freeze.clone()
+            },
             world: world.max(1),
             zero_stage: cfg.train.zero_stage,
             micro_batch_size: cfg.train.micro_batch_size.max(1),

@@ -761,12 +761,26 @@ fn cmd_plan(a: PlanArgs) -> Result<ExitCode> {
         None => "fits".into(),
     };
     println!(
-        "| model | {} | ZeRO | dtype | weights | gradients | fp32 masters | AdamW moments | activations | other | total per {} (GiB) | {fits_header} | LoRA |",
+        "| model | {} | ZeRO | dtype | weights | gradients | fp32 masters | AdamW moments | activations | other | total per {} (GiB) | {fits_header} | LoRA total (GiB) |",
         if plan_device == PlanDevice::Cuda { "GPUs" } else { "ranks" },
         if plan_device == PlanDevice::Cuda { "GPU" } else { "rank" },
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for input in combos {
+        // LoRA: the base frozen (no gradients, masters or moments for it; the adapters are < 1 %).
+        let lora = MemoryPlan::new(PlanInput {
+            freeze: vec![
+                FreezeTarget::VisionTower,
+                FreezeTarget::Projector,
+                FreezeTarget::LanguageModel,
+            ],
+            ..input.clone()
+        });
+        let lora_fits = match &memory {
+            Some(m) if lora.total <= m.bytes => " (fits)",
+            Some(_) => " (**no**)",
+            None => "",
+        };
         let p = MemoryPlan::new(input);
         let i = &p.input;
         let listed = p.weights + p.gradients + p.masters + p.moments + p.activations.total();
@@ -776,7 +790,7 @@ fn cmd_plan(a: PlanArgs) -> Result<ExitCode> {
             None => "?",
         };
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {fits} | not implemented |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {fits} | {}{lora_fits} |",
             i.name,
             i.world,
             i.zero_stage,
@@ -788,6 +802,7 @@ fn cmd_plan(a: PlanArgs) -> Result<ExitCode> {
             gib(p.activations.total()),
             gib(p.total - listed),
             gib(p.total),
+            gib(lora.total),
         );
     }
     let first = &bases[0];
@@ -802,7 +817,8 @@ fn cmd_plan(a: PlanArgs) -> Result<ExitCode> {
         .collect();
     println!(
         "\nGiB per {}; micro_batch_size {}, {}, shared_prefix {}, reference {}, frozen: {}; other = runtime \
-         overhead, backward and update transients, communication bucket{}. LoRA: not implemented yet.",
+         overhead, backward and update transients, communication bucket{}. LoRA: total per device with the base \
+         frozen and only adapters trained (their own bytes, under 1 % of the base, left out).",
         if plan_device == PlanDevice::Cuda { "GPU" } else { "rank" },
         first.micro_batch_size,
         first.lengths.source,

@@ -34,12 +34,62 @@ impl RmsNorm {
     }
 }
 
+/// A LoRA adapter: `x ↦ scale · (x Aᵀ) Bᵀ`, A `[r, in]`, B `[out, r]` (PEFT's layout and init: A
+/// Kaiming-uniform, B zero, so a new adapter changes nothing).
+#[derive(Debug)]
+pub struct Lora {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
+}
+
+/// A bias-free projection, optionally with a LoRA adapter added to its output.
+#[derive(Debug)]
+struct Proj {
+    base: nn::Linear,
+    lora: Option<Lora>,
+}
+
+impl Proj {
+    fn new(p: nn::Path, i: i64, o: i64) -> Self {
+        Self {
+            base: linear_nobias(p, i, o),
+            lora: None,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let y = self.base.forward(x);
+        match &self.lora {
+            Some(l) => y + x.matmul(&l.a.tr()).matmul(&l.b.tr()) * l.scale,
+            None => y,
+        }
+    }
+
+    /// Adds an adapter with its variables under `p` (`lora_A.weight`, `lora_B.weight`).
+    fn add_lora(&mut self, p: nn::Path, rank: i64, scale: f64) {
+        let (out, inp) = self.base.ws.size2().expect("[out, in] weight");
+        // kaiming_uniform_(a = √5) on [r, in]: bound 1/√in, as PEFT initialises lora_A.
+        let bound = 1.0 / (inp as f64).sqrt();
+        let a = (&p / "lora_A").var(
+            "weight",
+            &[rank, inp],
+            nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        );
+        let b = (&p / "lora_B").var("weight", &[out, rank], nn::Init::Const(0.0));
+        self.lora = Some(Lora { a, b, scale });
+    }
+}
+
 #[derive(Debug)]
 struct Attention {
-    q: nn::Linear,
-    k: nn::Linear,
-    v: nn::Linear,
-    o: nn::Linear,
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
@@ -72,10 +122,10 @@ impl Attention {
         let kv_heads = c.num_key_value_heads() as i64;
         let head_dim = d / heads;
         Self {
-            q: linear_nobias(&p / "q_proj", d, heads * head_dim),
-            k: linear_nobias(&p / "k_proj", d, kv_heads * head_dim),
-            v: linear_nobias(&p / "v_proj", d, kv_heads * head_dim),
-            o: linear_nobias(&p / "o_proj", heads * head_dim, d),
+            q: Proj::new(&p / "q_proj", d, heads * head_dim),
+            k: Proj::new(&p / "k_proj", d, kv_heads * head_dim),
+            v: Proj::new(&p / "v_proj", d, kv_heads * head_dim),
+            o: Proj::new(&p / "o_proj", heads * head_dim, d),
             heads,
             kv_heads,
             head_dim,
@@ -125,9 +175,9 @@ struct Layer {
     input_norm: RmsNorm,
     attn: Attention,
     post_norm: RmsNorm,
-    gate: nn::Linear,
-    up: nn::Linear,
-    down: nn::Linear,
+    gate: Proj,
+    up: Proj,
+    down: Proj,
 }
 
 impl Layer {
@@ -138,9 +188,9 @@ impl Layer {
             input_norm: RmsNorm::new(&p / "input_layernorm", d, c.rms_norm_eps),
             attn: Attention::new(&p / "self_attn", c),
             post_norm: RmsNorm::new(&p / "post_attention_layernorm", d, c.rms_norm_eps),
-            gate: linear_nobias(&p / "mlp" / "gate_proj", d, i),
-            up: linear_nobias(&p / "mlp" / "up_proj", d, i),
-            down: linear_nobias(&p / "mlp" / "down_proj", i, d),
+            gate: Proj::new(&p / "mlp" / "gate_proj", d, i),
+            up: Proj::new(&p / "mlp" / "up_proj", d, i),
+            down: Proj::new(&p / "mlp" / "down_proj", i, d),
         }
     }
 
@@ -184,6 +234,33 @@ impl Llama {
             norm: RmsNorm::new(&p / "norm", d, c.rms_norm_eps),
             head_dim: d / c.num_attention_heads as i64,
             rope_theta: c.rope_theta(),
+        }
+    }
+
+    /// Adds LoRA adapters of `rank` (update scaled by `alpha / rank`) to the `targets` projections of every
+    /// layer, their variables under `root` at PEFT's names for transformers' LLaVA
+    /// (`base_model.model.model.language_model.layers.<i>.<self_attn|mlp>.<proj>.lora_{A,B}.weight`), so a
+    /// `VarStore` of adapters saves as a PEFT `adapter_model.safetensors` unchanged.
+    pub fn add_lora(&mut self, root: &nn::Path, rank: usize, alpha: f64, targets: &[String]) {
+        let scale = alpha / rank as f64;
+        let layers = root / "base_model" / "model" / "model" / "language_model" / "layers";
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = &layers / i;
+            let attn = &p / "self_attn";
+            let mlp = &p / "mlp";
+            for t in targets {
+                let (proj, path) = match t.as_str() {
+                    "q_proj" => (&mut layer.attn.q, &attn / "q_proj"),
+                    "k_proj" => (&mut layer.attn.k, &attn / "k_proj"),
+                    "v_proj" => (&mut layer.attn.v, &attn / "v_proj"),
+                    "o_proj" => (&mut layer.attn.o, &attn / "o_proj"),
+                    "gate_proj" => (&mut layer.gate, &mlp / "gate_proj"),
+                    "up_proj" => (&mut layer.up, &mlp / "up_proj"),
+                    "down_proj" => (&mut layer.down, &mlp / "down_proj"),
+                    other => panic!("lora target {other:?}: validated by the config"),
+                };
+                proj.add_lora(path, rank as i64, scale);
+            }
         }
     }
 

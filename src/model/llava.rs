@@ -188,6 +188,13 @@ impl Llava {
         self.llama.forward_embeds(&e, attention_mask)
     }
 
+    /// LoRA adapters on the decoder's projections, their variables created under `root` (a separate
+    /// `VarStore`, so the base model's loading and saving never see them). See [`Llama::add_lora`].
+    pub fn add_lora(&mut self, root: &nn::Path, cfg: &crate::config::LoraConfig) {
+        self.llama
+            .add_lora(root, cfg.rank, cfg.alpha, &cfg.target_modules);
+    }
+
     /// Final hidden states `[B, L, D]` of a batch's shared-prefix layout (one image per row).
     pub fn hidden_packed(&self, packed: &Packed, pixel_values: &Tensor) -> Tensor {
         let e = self.embed(&packed.input_ids, pixel_values, None);

@@ -68,6 +68,7 @@ pub fn save(
     vs: &nn::VarStore,
     model_dir: &Path,
     opt_state: &[(String, Tensor)],
+    lora: Option<(&nn::VarStore, &crate::config::LoraConfig)>,
     state: &TrainerState,
     keep_last: usize,
 ) -> Result<PathBuf, CheckpointError> {
@@ -92,6 +93,10 @@ pub fn save(
         }
         super::optim::write_state(opt_state, &tmp.join("optimizer.safetensors"))
             .map_err(|e| err(&tmp, e.to_string()))?;
+        if let Some((lvs, cfg)) = lora {
+            super::lora::save_adapter(lvs, cfg, model_dir, &tmp)
+                .map_err(|e| err(&tmp, format!("writing the LoRA adapter: {e}")))?;
+        }
         for f in MODEL_FILES {
             let src = model_dir.join(f);
             if src.exists() {

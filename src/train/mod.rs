@@ -13,6 +13,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod lora;
 pub mod optim;
 pub mod schedule;
 
@@ -181,6 +182,8 @@ struct Run<'a> {
     device: Device,
     model: Llava,
     vs: nn::VarStore,
+    /// The LoRA adapters' variables, when `lora.rank` > 0 (the base in `vs` is then frozen).
+    lora: Option<nn::VarStore>,
     reference: Option<(nn::VarStore, Llava)>,
     opt: AdamW,
     eval: Option<PairSource>,
@@ -401,6 +404,7 @@ impl Run<'_> {
                 &self.vs,
                 &self.cfg.model.path,
                 &opt_state,
+                self.lora.as_ref().map(|l| (l, &self.cfg.lora)),
                 &self.state,
                 self.cfg.train.keep_last,
             )?;
@@ -621,12 +625,27 @@ pub fn train_distributed(
             )));
         }
     }
-    let (vs, model) =
+    let (vs, mut model) =
         Llava::load(&weights_dir, device, kind).map_err(|reason| TrainError::Model {
             path: weights_dir.clone(),
             reason,
         })?;
-    let params = trainable(&vs, &cfg.model.freeze);
+    let lora = if cfg.lora.rank > 0 {
+        Some(lora::attach(
+            &mut model,
+            &vs,
+            cfg,
+            device,
+            kind,
+            resumed.is_some().then_some(weights_dir.as_path()),
+        )?)
+    } else {
+        None
+    };
+    let params = match &lora {
+        Some(lvs) => lvs.variables().into_iter().collect(),
+        None => trainable(&vs, &cfg.model.freeze),
+    };
     if params.is_empty() {
         return Err(TrainError::Setup(
             "model.freeze leaves nothing to train".into(),
@@ -690,6 +709,7 @@ pub fn train_distributed(
         device,
         model,
         vs,
+        lora,
         reference,
         opt,
         eval: eval_src,
