@@ -11,7 +11,9 @@
 //!   written as the RLHF-V code does it ([chosen; rejected] rows, duplicated images, full logits);
 //! - `ddpo split`: this project's step with `train.shared_prefix = false` (two rows per pair, image encoded
 //!   once, vocabulary projection at response positions only);
-//! - `ddpo shared`: the default, one `[image + prompt | chosen | rejected]` row per pair.
+//! - `ddpo shared`: the default, one `[image + prompt | chosen | rejected]` row per pair;
+//! - `ddpo unshared`: the split rows with each image encoded for every row (what RLHF-V computes, without its
+//!   full-vocabulary logits), for the share of the gain that comes from encoding the image once.
 //!
 //! Each reports the median of ITERS steps after one warm-up and the first step's loss (identical inputs, so
 //! the three must agree to float tolerance: a correctness check riding along). The reference log-probs are
@@ -150,8 +152,10 @@ fn inputs(model_dir: &Path) -> (Llava, Vec<Example>, (usize, usize)) {
     (model, exs, (side, side))
 }
 
-/// Child process: ITERS + 1 training steps of one layout; prints one JSON line.
-fn child(model_dir: &Path, shared: bool) {
+/// Child process: ITERS + 1 training steps of one layout (`split`, `shared`, or `unshared`: the split rows
+/// with each image encoded once per row, as the RLHF-V code does); prints one JSON line.
+fn child(model_dir: &Path, layout: &str) {
+    let shared = layout == "shared";
     let threads = env("THREADS", 2);
     tch::set_num_threads(threads as i32);
     let iters = env("ITERS", 4);
@@ -176,7 +180,15 @@ fn child(model_dir: &Path, shared: bool) {
         let t = Instant::now();
         let mut sums = ddpo::ddpo::MetricSums::default();
         opt.zero_grad();
-        let terms = ddpo::train::terms(&model, None, &batch, &cfg);
+        let terms = if layout == "unshared" {
+            let px = batch.pixel_values.index_select(0, &batch.image_rows);
+            let h = model.hidden(&batch.input_ids, &batch.attention_mask, &px, None);
+            let policy = model.response_logps(&h, &batch.labels);
+            let reference = batch.ref_logps.as_ref().expect("cached reference");
+            ddpo::ddpo::pair_terms(&policy, reference, &batch, &cfg)
+        } else {
+            ddpo::train::terms(&model, None, &batch, &cfg)
+        };
         let t_fwd = t.elapsed().as_secs_f64();
         let loss = terms.loss.sum(Kind::Float) / batch.pairs as f64;
         assert!(loss.double_value(&[]).is_finite());
@@ -196,7 +208,7 @@ fn child(model_dir: &Path, shared: bool) {
     println!(
         "{}",
         serde_json::json!({
-            "impl": if shared { "ddpo shared" } else { "ddpo split" },
+            "impl": format!("ddpo {layout}"),
             "median_s": med,
             "best_s": times[1..].iter().cloned().fold(f64::INFINITY, f64::min),
             "pairs_per_s": batch.pairs as f64 / med,
@@ -315,7 +327,7 @@ fn main() {
             train_child(&PathBuf::from(std::env::var("DDPO_STEP_CONFIG").unwrap()));
         } else {
             let dir = PathBuf::from(std::env::var("DDPO_STEP_MODEL").unwrap());
-            child(&dir, what == "shared");
+            child(&dir, &what);
         }
         return;
     }
@@ -341,11 +353,15 @@ fn main() {
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/ddpo_step_transformers.py");
 
-    let mut results: Vec<(String, Vec<serde_json::Value>)> =
-        ["python", "ddpo split", "ddpo shared"]
-            .iter()
-            .map(|n| (n.to_string(), Vec::new()))
-            .collect();
+    let mut results: Vec<(String, Vec<serde_json::Value>)> = [
+        "python",
+        "ddpo split",
+        "ddpo shared",
+        "ddpo unshared (image per row)",
+    ]
+    .iter()
+    .map(|n| (n.to_string(), Vec::new()))
+    .collect();
     for round in 0..rounds {
         eprintln!("round {}/{rounds}", round + 1);
         let mut py = Command::new(python());
@@ -368,7 +384,7 @@ fn main() {
                 &MAX_GRAD_NORM.to_string(),
             ]);
         results[0].1.push(run_json(&mut py));
-        for (i, layout) in [(1, "split"), (2, "shared")] {
+        for (i, layout) in [(1, "split"), (2, "shared"), (3, "unshared")] {
             let mut c = Command::new(&me);
             c.env("DDPO_STEP_CHILD", layout)
                 .env("DDPO_STEP_MODEL", &model_dir)
@@ -421,8 +437,10 @@ fn main() {
     }
     println!();
     println!(
-        "shared-prefix step vs split step: {:.2}x faster (target >= 1.5x)",
-        med[1].0 / med[2].0
+        "shared-prefix step vs split step: {:.2}x faster (target >= 1.5x); vs the unshared step with each \
+         image encoded per row (RLHF-V's layout): {:.2}x",
+        med[1].0 / med[2].0,
+        med[3].0 / med[2].0
     );
     println!(
         "ddpo (shared) vs the Python baseline: {:.2}x the throughput (target >= 2.5x); peak RSS {:.0} vs {:.0} MiB",
@@ -431,11 +449,15 @@ fn main() {
         med[0].1
     );
     println!(
-        "first-step loss: python {:.6}, split {:.6}, shared {:.6} (max diff {:.1e})",
+        "first-step loss: python {:.6}, split {:.6}, shared {:.6}, unshared {:.6} (max diff {:.1e})",
         med[0].2,
         med[1].2,
         med[2].2,
-        (med[0].2 - med[1].2).abs().max((med[0].2 - med[2].2).abs())
+        med[3].2,
+        med[1..]
+            .iter()
+            .map(|m| (m.2 - med[0].2).abs())
+            .fold(0.0, f64::max)
     );
     let flops = results[0].1[0]["flops_per_pair"]["step"].as_f64();
     let minimal = results[0].1[0]["minimal_flops_per_pair"]["step"].as_f64();
