@@ -61,6 +61,10 @@ pub struct LoraConfig {
     /// Decoder projections: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`.
     #[serde(default = "defaults::lora_targets")]
     pub target_modules: Vec<String>,
+    /// Also write `merged/` in each checkpoint: the base with the adapters folded into its weights, a plain
+    /// llava-hf model directory (transformers loads it without PEFT).
+    #[serde(default)]
+    pub save_merged: bool,
 }
 
 impl Default for LoraConfig {
@@ -70,6 +74,7 @@ impl Default for LoraConfig {
             alpha: defaults::lora_alpha(),
             dropout: 0.0,
             target_modules: defaults::lora_targets(),
+            save_merged: false,
         }
     }
 }

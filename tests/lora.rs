@@ -13,6 +13,14 @@ use ddpo::model::llava::Llava;
 use ddpo::train::{train, TrainOptions};
 use tch::{Kind, Tensor};
 
+/// The tests of this file run one at a time: two trainings at once make MKL pick thread counts dynamically,
+/// and a different thread count rounds differently, which the bit-for-bit resume check must not see.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct Job {
     _dir: tempfile::TempDir,
     root: PathBuf,
@@ -40,7 +48,8 @@ impl Job {
     }
 
     fn config(&self, name: &str, train: &str) -> Config {
-        let lora = "rank = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"gate_proj\", \"down_proj\"]";
+        let lora = "rank = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"gate_proj\", \"down_proj\"]\n\
+                    save_merged = true";
         let r = self.root.display();
         let text = format!(
             "[model]\npath = \"{r}/model\"\n[reference]\ncache_dir = \"{r}/cache\"\n\
@@ -75,6 +84,7 @@ fn tensors(path: &Path) -> std::collections::BTreeMap<String, Tensor> {
 /// logits ddpo computes with the same adapter.
 #[test]
 fn adapters_train_alone_and_load_in_peft_with_our_logits() {
+    let _serial = serial();
     let job = Job::new(32, 8);
     let cfg = job.config(
         "lora",
@@ -183,11 +193,40 @@ fn adapters_train_alone_and_load_in_peft_with_our_logits() {
         "the adapter changes the logits by only {effect}"
     );
     assert!(diff < 1e-4, "our LoRA logits differ from PEFT's by {diff}");
+
+    // The merged export is a plain llava-hf model: transformers alone (no PEFT) loads it cleanly and gives
+    // the same logits.
+    let merged_out = dir.path().join("merged.safetensors");
+    let run = Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/oracles/llava_logits.py"))
+        .arg(ckpt.join("merged"))
+        .arg(&inputs)
+        .arg(&merged_out)
+        .output()
+        .expect("run the transformers oracle");
+    assert!(
+        run.status.success(),
+        "llava_logits.py on merged/ failed:\n{}\n{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let merged = &tensors(&merged_out)["logits"];
+    let d = (&ours - merged)
+        .abs()
+        .masked_select(&mask.expand_as(&ours))
+        .max()
+        .double_value(&[]);
+    eprintln!("logits vs merged in transformers: max diff {d:e}");
+    assert!(
+        d < 1e-4,
+        "the merged model's logits differ from ours by {d}"
+    );
 }
 
 /// A LoRA run stopped after 2 steps and resumed ends with the adapters of a run that never stopped.
 #[test]
 fn a_resumed_lora_run_equals_a_straight_one() {
+    let _serial = serial();
     let job = Job::new(32, 8);
     let t = "batch_size = 8\nmicro_batch_size = 4\nepochs = 1\nlr = 2e-2";
     let straight = train(&job.config("straight", t), &cpu()).unwrap();

@@ -12,6 +12,15 @@ use ddpo::train::optim::{AdamW, AdamWConfig};
 use ddpo::train::{train_distributed, NoHooks, TrainOptions, TrainReport};
 use tch::{Kind, Tensor};
 
+/// The tests of this file run one at a time (their ranks are threads already): trainings of other tests
+/// running beside them can change how many threads a kernel gets, and with it the rounding that the
+/// bit-for-bit comparisons must not see.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct Job {
     _dir: tempfile::TempDir,
     root: PathBuf,
@@ -132,6 +141,7 @@ fn losses(out: &Path) -> Vec<f64> {
 /// bit: the reduced chunks are the all-reduce's bytes and the update is elementwise.
 #[test]
 fn zero_stages_equal_plain_data_parallel() {
+    let _serial = serial();
     let job = Job::new();
     for world in [2, 3] {
         let plain = run(&job.config(&format!("plain{world}"), world, 0), world, None);
@@ -176,6 +186,7 @@ fn zero_stages_equal_plain_data_parallel() {
 /// must not change the clipped update.
 #[test]
 fn zero_with_clipping_equals_plain_data_parallel() {
+    let _serial = serial();
     let job = Job::new();
     let clip = "max_grad_norm = 0.001";
     let plain = run(&job.config_with("plain-clip", 3, 0, clip), 3, None);
@@ -219,6 +230,7 @@ fn zero_with_clipping_equals_plain_data_parallel() {
 /// Each rank's optimizer state is its 1/world share: the shares add up to the unsharded state.
 #[test]
 fn sharded_state_is_one_world_th_per_rank() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     ddpo::model::preset::init_model(dir.path(), "tiny", 0).unwrap();
     let (vs, _model) =
@@ -261,6 +273,7 @@ fn sharded_state_is_one_world_th_per_rank() {
 /// never stopped.
 #[test]
 fn zero_run_saved_on_three_ranks_resumes_on_two() {
+    let _serial = serial();
     let job = Job::new();
     let straight = run(&job.config("straight", 3, 2), 3, None);
     assert_eq!(straight[0].steps, 8);

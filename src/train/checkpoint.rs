@@ -38,7 +38,7 @@ pub struct TrainerState {
 pub const STATE_FORMAT: u32 = 1;
 
 /// Files of the source model directory that go into every checkpoint next to the weights.
-const MODEL_FILES: &[&str] = &[
+pub(crate) const MODEL_FILES: &[&str] = &[
     "config.json",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -96,6 +96,10 @@ pub fn save(
         if let Some((lvs, cfg)) = lora {
             super::lora::save_adapter(lvs, cfg, model_dir, &tmp)
                 .map_err(|e| err(&tmp, format!("writing the LoRA adapter: {e}")))?;
+            if cfg.save_merged {
+                super::lora::save_merged(vs, lvs, cfg, model_dir, &tmp.join("merged"))
+                    .map_err(|e| err(&tmp, format!("writing the merged model: {e}")))?;
+            }
         }
         for f in MODEL_FILES {
             let src = model_dir.join(f);
@@ -124,12 +128,15 @@ pub fn save(
     Ok(dir)
 }
 
-/// fsync of every file in `dir` and of `dir` itself.
+/// fsync of every file below `dir` and of the folders themselves.
 fn sync_tree(dir: &Path) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
-        if entry.file_type()?.is_file() {
+        let kind = entry.file_type()?;
+        if kind.is_file() {
             std::fs::File::open(entry.path())?.sync_all()?;
+        } else if kind.is_dir() {
+            sync_tree(&entry.path())?;
         }
     }
     sync_dir(dir)

@@ -3,7 +3,8 @@
 //! `adapter_model.safetensors`) beside the (unchanged) base weights, so `PeftModel.from_pretrained` on
 //! transformers' `LlavaForConditionalGeneration` loads them.
 //!
-//! Invariants: every rank creates the same adapters (seeded by `train.seed`); a new adapter's B is zero, so
+//! Invariants: every rank creates the same adapters (from `train.seed` and each variable's name, with the
+//! project's own PRNG); a new adapter's B is zero, so
 //! the policy starts equal to the base model, which is therefore the reference (cached or online) as is; the
 //! PEFT `target_modules` is a regular expression that names only decoder layers (a plain list such as
 //! `["q_proj"]` would also match the vision tower's projections when PEFT applies it).
@@ -31,9 +32,30 @@ pub fn attach(
     resume_from: Option<&Path>,
 ) -> Result<nn::VarStore, TrainError> {
     let mut lvs = nn::VarStore::new(device);
-    // The same initial adapters on every rank and in every run of the job.
-    tch::manual_seed(cfg.train.seed as i64);
     model.add_lora(&lvs.root(), &cfg.lora);
+    // The same initial adapters on every rank and in every run of the job: A drawn from the project's own
+    // PRNG (seeded by train.seed and the variable's name), not libtorch's global generator, which other
+    // threads of the process may draw from meanwhile.
+    tch::no_grad(|| {
+        for (name, mut v) in lvs.variables() {
+            if !name.contains(".lora_A.") {
+                continue;
+            }
+            let (r, inp) = v.size2().expect("[r, in]");
+            let bound = 1.0 / (inp as f64).sqrt();
+            let mut rng = super::data::SplitMix::new(
+                cfg.train.seed
+                    ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+                    }),
+            );
+            let vals: Vec<f32> = (0..r * inp)
+                .map(|_| ((rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * bound)
+                .map(|x| x as f32)
+                .collect();
+            v.copy_(&Tensor::from_slice(&vals).view([r, inp]).to_device(device));
+        }
+    });
     lvs.set_kind(kind);
     for (_, mut t) in base.variables() {
         let _ = t.requires_grad_(false);
@@ -72,6 +94,51 @@ pub fn attach(
         })?;
     }
     Ok(lvs)
+}
+
+/// Writes `dir` as a plain llava-hf model: the base weights with every adapter folded in
+/// (`W + (alpha / rank) · B A`, in fp32), and the base model's config, tokenizer and processor files.
+pub fn save_merged(
+    base: &nn::VarStore,
+    lvs: &nn::VarStore,
+    cfg: &LoraConfig,
+    model_dir: &Path,
+    dir: &Path,
+) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let adapters = lvs.variables();
+    let scale = cfg.alpha / cfg.rank as f64;
+    let mut named: Vec<(String, Tensor)> = Vec::new();
+    for (name, w) in base.variables() {
+        let w = w.detach().to_device(Device::Cpu).to_kind(Kind::Float);
+        // language_model.model.layers.<i>.<part>.<proj>.weight ↔ the adapter's PEFT name.
+        let stem = name
+            .strip_prefix("language_model.model.")
+            .and_then(|s| s.strip_suffix(".weight"));
+        let pair = stem.and_then(|s| {
+            let key =
+                |ab: &str| format!("base_model.model.model.language_model.{s}.lora_{ab}.weight");
+            Some((adapters.get(&key("A"))?, adapters.get(&key("B"))?))
+        });
+        let merged = match pair {
+            Some((a, b)) => {
+                let a = a.detach().to_device(Device::Cpu).to_kind(Kind::Float);
+                let b = b.detach().to_device(Device::Cpu).to_kind(Kind::Float);
+                w + b.matmul(&a) * scale
+            }
+            None => w,
+        };
+        named.push((name, merged));
+    }
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    Tensor::write_safetensors(&named, dir.join("model.safetensors")).map_err(|e| e.to_string())?;
+    for f in super::checkpoint::MODEL_FILES {
+        let src = model_dir.join(f);
+        if src.exists() {
+            std::fs::copy(&src, dir.join(f)).map_err(|e| format!("{}: {e}", src.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// The PEFT `target_modules` pattern for the configured projections: decoder layers only.
