@@ -9,9 +9,11 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::ring;
 use ddpo::collective::{
     chunk_range, Collective, CollectiveError, LocalCollective, NcclCollective, RingCollective,
-    RingListener,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -19,25 +21,6 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
-}
-
-/// Forms a ring of `world` ranks in threads; returns the collectives in rank order.
-fn ring(world: usize, timeout: Duration) -> Vec<RingCollective> {
-    let listeners: Vec<RingListener> = (0..world)
-        .map(|_| RingCollective::listen(loopback()).unwrap())
-        .collect();
-    let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(r, l)| {
-                let peers = peers.clone();
-                s.spawn(move || RingCollective::connect(l, r, &peers, 1, timeout).unwrap())
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    })
 }
 
 /// Runs `f(rank, collective)` on every rank in its own thread; results in rank order.

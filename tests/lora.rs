@@ -242,6 +242,14 @@ fn a_resumed_lora_run_equals_a_straight_one() {
     assert_eq!(first.steps, 2);
     let second = train(&cfg, &cpu()).unwrap();
     assert_eq!(second.resumed_from, Some(2));
+    // Resuming with other adapter settings is refused with the file and the setting named.
+    let mut other = job.config("split", t);
+    other.lora.rank = 8;
+    let e = train(&other, &cpu()).unwrap_err().to_string();
+    assert!(
+        e.contains("adapter_model.safetensors") && e.contains("lora.rank"),
+        "{e}"
+    );
     let a = std::fs::read(
         straight
             .last_checkpoint

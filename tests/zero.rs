@@ -1,12 +1,12 @@
 //! ZeRO stages 1 and 2 on the CPU ring (ranks as threads on loopback, tiny preset): the same weights as plain
 //! data parallelism, optimizer state split 1/world, and a run saved with 3 ranks resumed on 2.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ddpo::collective::{RingCollective, RingListener};
 use ddpo::config::Config;
 use ddpo::train::optim::{AdamW, AdamWConfig};
 use ddpo::train::{train_distributed, NoHooks, TrainOptions, TrainReport};
@@ -69,21 +69,13 @@ impl Job {
 
 /// Trains `cfg` with `world` ranks as threads joined by a TCP ring.
 fn run(cfg: &Config, world: usize, max_steps: Option<usize>) -> Vec<TrainReport> {
-    let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let listeners: Vec<RingListener> = (0..world)
-        .map(|_| RingCollective::listen(loopback).unwrap())
-        .collect();
-    let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
+    let rings = common::ring(world, Duration::from_secs(30));
     std::thread::scope(|s| {
-        let handles: Vec<_> = listeners
+        let handles: Vec<_> = rings
             .into_iter()
             .enumerate()
-            .map(|(rank, l)| {
-                let peers = peers.clone();
+            .map(|(rank, mut ring)| {
                 s.spawn(move || {
-                    let mut ring =
-                        RingCollective::connect(l, rank, &peers, 1, Duration::from_secs(30))
-                            .unwrap();
                     let opts = TrainOptions {
                         device: tch::Device::Cpu,
                         max_steps,

@@ -231,15 +231,10 @@ pub struct Feed {
 impl Feed {
     pub fn start(mut src: PairSource, plan: FeedPlan, depth: usize) -> Result<Feed, TrainError> {
         let (tx, rx) = sync_channel(depth.max(1));
-        let pre = src.preprocessor();
-        let pad = pre
-            .text
-            .tokenizer()
-            .token_to_id(crate::data::tokenizer::PAD)
-            .unwrap_or(0);
-        let hw = pre.image.fixed_output_size().ok_or_else(|| {
-            TrainError::Setup("the image processor has no fixed output size".into())
-        })?;
+        let (pad, hw) = (
+            super::pad_id(src.preprocessor()),
+            super::image_hw(src.preprocessor()),
+        );
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()

@@ -187,6 +187,9 @@ struct Run<'a> {
     reference: Option<(nn::VarStore, Llava)>,
     opt: AdamW,
     eval: Option<PairSource>,
+    /// Zero gradients standing in, in the gradient exchange, for parameters that receive none (the vision
+    /// layers after the feature layer), so every rank's buckets have the same layout.
+    zero_grads: BTreeMap<String, Tensor>,
     /// Open on rank 0 only: one writer for the job's metrics.
     metrics: Option<std::fs::File>,
     state: TrainerState,
@@ -301,15 +304,20 @@ impl Run<'_> {
             // Every trainable tensor takes part, in name order (a zero stand-in for one without a gradient),
             // so the buckets — and with them each element's summation order — are the same whatever the
             // ZeRO stage, and match the optimizer's ownership.
+            let stand_ins = &mut self.zero_grads;
             let grads: Vec<Tensor> = self
                 .opt
                 .params()
-                .map(|(_, p)| {
+                .map(|(name, p)| {
                     let g = p.grad();
                     if g.defined() {
                         g
                     } else {
-                        Tensor::zeros_like(p)
+                        // Made once: which parameters get no gradient does not change between steps.
+                        stand_ins
+                            .entry(name.clone())
+                            .or_insert_with(|| Tensor::zeros_like(p))
+                            .shallow_clone()
                     }
                 })
                 .collect();
@@ -712,6 +720,7 @@ pub fn train_distributed(
         lora,
         reference,
         opt,
+        zero_grads: BTreeMap::new(),
         eval: eval_src,
         metrics,
         state,

@@ -166,3 +166,24 @@ pub fn write_config(dir: &Path, model: &Path, train_glob: &str, extra: &str) -> 
     .unwrap();
     p
 }
+
+/// Forms a TCP ring of `world` ranks on loopback (ranks connect in threads); the collectives in rank order.
+pub fn ring(world: usize, timeout: std::time::Duration) -> Vec<ddpo::collective::RingCollective> {
+    use ddpo::collective::{RingCollective, RingListener};
+    let loopback: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let listeners: Vec<RingListener> = (0..world)
+        .map(|_| RingCollective::listen(loopback).unwrap())
+        .collect();
+    let peers: Vec<std::net::SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let peers = peers.clone();
+                s.spawn(move || RingCollective::connect(l, r, &peers, 1, timeout).unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
