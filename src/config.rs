@@ -55,7 +55,7 @@ pub struct LoraConfig {
     /// The update is scaled by alpha / rank (PEFT's `lora_alpha`).
     #[serde(default = "defaults::lora_alpha")]
     pub alpha: f64,
-    /// Only 0 is supported yet.
+    /// Dropout on each adapter's input while training (PEFT's `lora_dropout`); 0 turns it off.
     #[serde(default)]
     pub dropout: f64,
     /// Decoder projections: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`.
@@ -556,8 +556,8 @@ impl Config {
                 format!("lora.alpha = {}: must be > 0", l.alpha),
             );
             check(
-                l.dropout == 0.0,
-                format!("lora.dropout = {}: only 0 is supported yet", l.dropout),
+                (0.0..1.0).contains(&l.dropout),
+                format!("lora.dropout = {}: must be in [0, 1)", l.dropout),
             );
             check(
                 !l.target_modules.is_empty(),
@@ -888,14 +888,11 @@ train = ["d/*.parquet"]
         assert_eq!((c.lora.rank, c.lora.alpha), (8, 16.0));
         assert_eq!(c.lora.target_modules, ["q_proj", "down_proj"]);
         let e = parse(&format!(
-            "{MINIMAL}\n[lora]\nrank = 8\ndropout = 0.1\ntarget_modules = [\"qproj\"]\n"
+            "{MINIMAL}\n[lora]\nrank = 8\ndropout = 1.0\ntarget_modules = [\"qproj\"]\n"
         ))
         .unwrap_err()
         .to_string();
-        assert!(
-            e.contains("lora.dropout = 0.1: only 0 is supported yet"),
-            "{e}"
-        );
+        assert!(e.contains("lora.dropout = 1: must be in [0, 1)"), "{e}");
         assert!(e.contains("\"qproj\" is not one of q_proj"), "{e}");
         let c = parse_env(MINIMAL, &[("DDPO__LORA__TARGET_MODULES", "v_proj,o_proj")]).unwrap();
         assert_eq!(c.lora.target_modules, ["v_proj", "o_proj"]);

@@ -269,7 +269,7 @@ fn accumulation_equals_one_big_batch() {
         for chunk in exs.chunks(micro) {
             let batch = collate(chunk, pad, hw, cfg.train.shared_prefix);
             assert!(ddpo::train::micro_step(
-                &model, None, &batch, 8.0, &cfg.ddpo, &mut sums
+                &model, None, &batch, 8.0, &cfg.ddpo, None, &mut sums
             ));
         }
         let mut g: Vec<(String, tch::Tensor)> = vs

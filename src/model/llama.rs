@@ -6,6 +6,9 @@
 //! Invariants: RMSNorm is computed in fp32 and cast back (as transformers does); rotary tables are built in
 //! fp32; padding is on the right, so positions are 0..T-1 for every row.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -34,13 +37,17 @@ impl RmsNorm {
     }
 }
 
-/// A LoRA adapter: `x ↦ scale · (x Aᵀ) Bᵀ`, A `[r, in]`, B `[out, r]` (PEFT's layout and init: A
-/// Kaiming-uniform, B zero, so a new adapter changes nothing).
+/// A LoRA adapter: `x ↦ scale · (dropout(x) Aᵀ) Bᵀ`, A `[r, in]`, B `[out, r]` (PEFT's layout and init: A
+/// Kaiming-uniform, B zero, so a new adapter changes nothing). Dropout acts on the adapter's input only and
+/// only while the decoder's training flag is set, drawing from libtorch's default generator as PEFT's
+/// `nn.Dropout` does, so a seeded forward masks exactly as PEFT's does.
 #[derive(Debug)]
 pub struct Lora {
     a: Tensor,
     b: Tensor,
     scale: f64,
+    dropout: f64,
+    training: Arc<AtomicBool>,
 }
 
 /// A bias-free projection, optionally with a LoRA adapter added to its output.
@@ -61,13 +68,27 @@ impl Proj {
     fn forward(&self, x: &Tensor) -> Tensor {
         let y = self.base.forward(x);
         match &self.lora {
-            Some(l) => y + x.matmul(&l.a.tr()).matmul(&l.b.tr()) * l.scale,
+            Some(l) => {
+                let x = if l.dropout > 0.0 && l.training.load(Ordering::Relaxed) {
+                    x.dropout(l.dropout, true)
+                } else {
+                    x.shallow_clone()
+                };
+                y + x.matmul(&l.a.tr()).matmul(&l.b.tr()) * l.scale
+            }
             None => y,
         }
     }
 
     /// Adds an adapter with its variables under `p` (`lora_A.weight`, `lora_B.weight`).
-    fn add_lora(&mut self, p: nn::Path, rank: i64, scale: f64) {
+    fn add_lora(
+        &mut self,
+        p: nn::Path,
+        rank: i64,
+        scale: f64,
+        dropout: f64,
+        training: &Arc<AtomicBool>,
+    ) {
         let (out, inp) = self.base.ws.size2().expect("[out, in] weight");
         // kaiming_uniform_(a = √5) on [r, in]: bound 1/√in, as PEFT initialises lora_A.
         let bound = 1.0 / (inp as f64).sqrt();
@@ -80,7 +101,13 @@ impl Proj {
             },
         );
         let b = (&p / "lora_B").var("weight", &[out, rank], nn::Init::Const(0.0));
-        self.lora = Some(Lora { a, b, scale });
+        self.lora = Some(Lora {
+            a,
+            b,
+            scale,
+            dropout,
+            training: training.clone(),
+        });
     }
 }
 
@@ -214,6 +241,9 @@ pub struct Llama {
     norm: RmsNorm,
     head_dim: i64,
     rope_theta: f64,
+    /// Whether LoRA dropout is active (PyTorch's `module.training`, for the adapters only): off unless the
+    /// trainer turns it on around the policy's forward, so evaluation and reference log-probs never drop.
+    lora_training: Arc<AtomicBool>,
 }
 
 impl Llama {
@@ -234,14 +264,28 @@ impl Llama {
             norm: RmsNorm::new(&p / "norm", d, c.rms_norm_eps),
             head_dim: d / c.num_attention_heads as i64,
             rope_theta: c.rope_theta(),
+            lora_training: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// Adds LoRA adapters of `rank` (update scaled by `alpha / rank`) to the `targets` projections of every
+    /// Turns LoRA dropout on or off (it is off after construction).
+    pub fn set_lora_training(&self, on: bool) {
+        self.lora_training.store(on, Ordering::Relaxed);
+    }
+
+    /// Adds LoRA adapters of `rank` (update scaled by `alpha / rank`, input dropout `dropout` while training)
+    /// to the `targets` projections of every
     /// layer, their variables under `root` at PEFT's names for transformers' LLaVA
     /// (`base_model.model.model.language_model.layers.<i>.<self_attn|mlp>.<proj>.lora_{A,B}.weight`), so a
     /// `VarStore` of adapters saves as a PEFT `adapter_model.safetensors` unchanged.
-    pub fn add_lora(&mut self, root: &nn::Path, rank: usize, alpha: f64, targets: &[String]) {
+    pub fn add_lora(
+        &mut self,
+        root: &nn::Path,
+        rank: usize,
+        alpha: f64,
+        dropout: f64,
+        targets: &[String],
+    ) {
         let scale = alpha / rank as f64;
         let layers = root / "base_model" / "model" / "model" / "language_model" / "layers";
         for (i, layer) in self.layers.iter_mut().enumerate() {
@@ -259,7 +303,7 @@ impl Llama {
                     "down_proj" => (&mut layer.down, &mlp / "down_proj"),
                     other => panic!("lora target {other:?}: validated by the config"),
                 };
-                proj.add_lora(path, rank as i64, scale);
+                proj.add_lora(path, rank as i64, scale, dropout, &self.lora_training);
             }
         }
     }

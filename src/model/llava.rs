@@ -192,7 +192,12 @@ impl Llava {
     /// `VarStore`, so the base model's loading and saving never see them). See [`Llama::add_lora`].
     pub fn add_lora(&mut self, root: &nn::Path, cfg: &crate::config::LoraConfig) {
         self.llama
-            .add_lora(root, cfg.rank, cfg.alpha, &cfg.target_modules);
+            .add_lora(root, cfg.rank, cfg.alpha, cfg.dropout, &cfg.target_modules);
+    }
+
+    /// Turns LoRA dropout on (the policy's training forward) or off (evaluation, reference; the default).
+    pub fn set_lora_training(&self, on: bool) {
+        self.llama.set_lora_training(on);
     }
 
     /// Final hidden states `[B, L, D]` of a batch's shared-prefix layout (one image per row).

@@ -285,15 +285,21 @@ impl Run<'_> {
         let mut finite = true;
         self.opt.zero_grad();
         let t_fb = Instant::now();
-        for batch in micro {
+        let dropout = self.lora.is_some() && self.cfg.lora.dropout > 0.0;
+        for (i, batch) in micro.into_iter().enumerate() {
             let batch = batch.to_device(self.device);
             let reference = self.reference.as_ref().map(|r| &r.1);
+            // LoRA dropout masks are a function of (seed, step, rank, micro-batch), so a resumed run draws
+            // the masks the uninterrupted one would have.
+            let seed = dropout
+                .then(|| dropout_seed(self.cfg.train.seed, self.state.step + 1, self.rank(), i));
             finite &= micro_step(
                 &self.model,
                 reference,
                 &batch,
                 local,
                 &self.cfg.ddpo,
+                seed,
                 &mut sums,
             );
         }
@@ -442,22 +448,48 @@ pub fn terms(
 }
 
 /// Forward and backward of one micro-batch; each pair's loss enters with weight 1/`global_pairs`, so the
-/// gradients accumulated over a step's micro-batches equal those of the global batch's mean loss.
-/// Returns whether the micro-batch's loss was finite.
+/// gradients accumulated over a step's micro-batches equal those of the global batch's mean loss. With
+/// `lora_dropout_seed`, LoRA dropout is on for the policy's forward, its masks drawn from libtorch's
+/// default generator seeded with it. Returns whether the micro-batch's loss was finite.
 pub fn micro_step(
     model: &Llava,
     reference: Option<&Llava>,
     batch: &Batch,
     global_pairs: f64,
     cfg: &crate::config::DdpoConfig,
+    lora_dropout_seed: Option<i64>,
     sums: &mut MetricSums,
 ) -> bool {
-    let t = terms(model, reference, batch, cfg);
+    let t = match lora_dropout_seed {
+        Some(seed) => {
+            /// Turns dropout off again however the forward ends.
+            struct Off<'a>(&'a Llava);
+            impl Drop for Off<'_> {
+                fn drop(&mut self) {
+                    self.0.set_lora_training(false);
+                }
+            }
+            tch::manual_seed(seed);
+            model.set_lora_training(true);
+            let _off = Off(model);
+            terms(model, reference, batch, cfg)
+        }
+        None => terms(model, reference, batch, cfg),
+    };
     let loss = t.loss.sum(Kind::Float) / global_pairs;
     let finite = loss.double_value(&[]).is_finite();
     loss.backward();
     sums.add(&t, batch.response_tokens);
     finite
+}
+
+/// The LoRA dropout seed of one micro-batch: splitmix64 over (train.seed, step, rank, micro-batch index).
+fn dropout_seed(seed: u64, step: usize, rank: usize, micro: usize) -> i64 {
+    let mut h = seed;
+    for v in [step, rank, micro] {
+        h = data::SplitMix::new(h ^ v as u64).next_u64();
+    }
+    (h >> 1) as i64
 }
 
 fn metrics_row(

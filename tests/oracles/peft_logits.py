@@ -2,12 +2,14 @@
 """Oracle: Hugging Face PEFT loads a LoRA adapter that ddpo saved onto transformers' LlavaForConditionalGeneration
 and runs it on inputs a Rust test wrote.
 
-Usage: peft_logits.py BASE_MODEL_DIR ADAPTER_DIR INPUTS.safetensors OUT.safetensors
+Usage: peft_logits.py BASE_MODEL_DIR ADAPTER_DIR INPUTS.safetensors OUT.safetensors [TRAIN_SEED]
 
 BASE_MODEL_DIR  the base llava-hf checkpoint (fp32 on the CPU, eval mode, eager attention)
 ADAPTER_DIR     adapter_config.json + adapter_model.safetensors, loaded with PeftModel.from_pretrained
 INPUTS          input_ids [B, T], attention_mask [B, T], pixel_values [B, 3, H, W]
 OUT             logits [B, T, vocab] f32
+TRAIN_SEED      if given, the forward runs in training mode (LoRA dropout on, as adapter_config.json's
+                lora_dropout says) right after torch.manual_seed(TRAIN_SEED)
 
 Fails (exit 2, message on stderr) unless every tensor of the adapter file lands in a LoRA module of the model
 (compared value for value with the module's weights after loading), the adapter touches no vision-tower
@@ -29,6 +31,7 @@ def fail(msg):
 
 
 base_dir, adapter_dir, inputs, out = sys.argv[1:5]
+train_seed = int(sys.argv[5]) if len(sys.argv) > 5 else None
 torch.manual_seed(0)
 base = LlavaForConditionalGeneration.from_pretrained(base_dir, torch_dtype=torch.float32, attn_implementation="eager")
 model = PeftModel.from_pretrained(base, adapter_dir)
@@ -55,6 +58,9 @@ if not nonzero_b:
     fail("every lora_B is zero: the adapter equals the base model")
 
 x = load_file(inputs)
+if train_seed is not None:
+    model.train()
+    torch.manual_seed(train_seed)
 with torch.no_grad():
     logits = model(
         input_ids=x["input_ids"].long(),
