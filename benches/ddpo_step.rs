@@ -35,7 +35,7 @@ use ddpo::data::pipeline::{Example, RefLogps};
 use ddpo::model::llava::Llava;
 use ddpo::model::preset::init_model;
 use ddpo::train::data::SplitMix;
-use ddpo::train::optim::{AdamW, AdamWConfig};
+use ddpo::train::optim::{AdamW, AdamWConfig, Grads};
 use tch::{Device, Kind, Tensor};
 
 const LR: f64 = 5e-7;
@@ -172,6 +172,7 @@ fn child(model_dir: &Path, layout: &str) {
             weight_decay: 0.0,
         },
     );
+    let params: Vec<Tensor> = opt.params().map(|(_, p)| p.shallow_clone()).collect();
     let cfg = DdpoConfig::default();
     let batch: Batch = collate(&exs, 0, hw, shared);
     let tokens: i64 = batch.attention_mask.sum(Kind::Int64).int64_value(&[]);
@@ -179,7 +180,6 @@ fn child(model_dir: &Path, layout: &str) {
     for _ in 0..=iters {
         let t = Instant::now();
         let mut sums = ddpo::ddpo::MetricSums::default();
-        opt.zero_grad();
         let terms = if layout == "unshared" {
             let px = batch.pixel_values.index_select(0, &batch.image_rows);
             let h = model.hidden(&batch.input_ids, &batch.attention_mask, &px, None);
@@ -192,14 +192,20 @@ fn child(model_dir: &Path, layout: &str) {
         let t_fwd = t.elapsed().as_secs_f64();
         let loss = terms.loss.sum(Kind::Float) / batch.pairs as f64;
         assert!(loss.double_value(&[]).is_finite());
-        loss.backward();
+        let grads = Grads::Full(
+            Tensor::run_backward(&[&loss], &params, false, false)
+                .into_iter()
+                .map(|g| g.defined().then_some(g))
+                .collect(),
+        );
         sums.add(&terms, batch.response_tokens);
         let t_bwd = t.elapsed().as_secs_f64() - t_fwd;
-        let norm = opt.grad_norm();
+        let norm = opt.grad_norm(&grads);
         if norm > MAX_GRAD_NORM {
-            opt.scale_grads(MAX_GRAD_NORM / (norm + 1e-6));
+            opt.scale_grads(&grads, MAX_GRAD_NORM / (norm + 1e-6));
         }
-        opt.update(LR);
+        opt.update(LR, &grads);
+        drop(grads);
         times.push(t.elapsed().as_secs_f64());
         phases.push([t_fwd, t_bwd]);
         losses.push(sums.loss / sums.pairs);

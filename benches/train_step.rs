@@ -9,7 +9,7 @@
 //!    REPEATS each;
 //! 2. the training step, cached reference vs online reference model, split into data (fetch + collate),
 //!    policy forward (`ddpo::batch_logps`), reference forward (online only), loss + backward, optimizer
-//!    (grad norm, clipping, AdamW, zero_grad); both modes on the same batches, interleaved, median of ITERS
+//!    (grad norm, clipping, AdamW, freeing the gradients); both modes on the same batches, interleaved, median of ITERS
 //!    after one warm-up step;
 //! 3. peak resident memory of `ddpo train --max-steps STEPS` in a child process, cached vs online (VmHWM
 //!    from /proc/<pid>/status, polled), REPEATS runs each, with the step time its metrics.jsonl reports.
@@ -32,7 +32,7 @@ use ddpo::model::llava::Llava;
 use ddpo::model::preset::init_model;
 use ddpo::refcache::{precompute, RefCache};
 use ddpo::train::data::{epoch_order, PairSource, RowRef};
-use ddpo::train::optim::{AdamW, AdamWConfig};
+use ddpo::train::optim::{AdamW, AdamWConfig, Grads};
 use tch::{Device, Kind, Tensor};
 
 fn mib(bytes: f64) -> f64 {
@@ -64,7 +64,7 @@ struct StepTimes {
     backward: Vec<f64>,
     optimizer: Vec<f64>,
     total: Vec<f64>,
-    /// Optimizer split: grad norm + clipping, AdamW update, zero_grad.
+    /// Optimizer split: grad norm + clipping, AdamW update, freeing the gradients.
     opt_parts: Vec<[f64; 3]>,
 }
 
@@ -86,7 +86,7 @@ impl StepTimes {
 
 /// One optimizer step over `rows` (one micro-batch), as `ddpo::train` runs it, timed by phase:
 /// [data, policy forward, reference forward, loss + backward, optimizer], and the optimizer's parts
-/// [grad norm + clipping, update, zero_grad].
+/// [grad norm + clipping, update, freeing the gradients].
 fn step(
     model: &Llava,
     reference: Option<&Llava>,
@@ -107,7 +107,6 @@ fn step(
     let batch = collate(&exs, pad, hw, true);
     let t_data = t.elapsed().as_secs_f64();
 
-    opt.zero_grad();
     let t = Instant::now();
     let policy = batch_logps(model, &batch);
     let t_fwd = t.elapsed().as_secs_f64();
@@ -124,21 +123,27 @@ fn step(
     let terms = pair_terms(&policy, &reference, &batch, &cfg.ddpo);
     let loss = terms.loss.sum(Kind::Float) / rows.len() as f64;
     assert!(loss.double_value(&[]).is_finite());
-    loss.backward();
+    let params: Vec<Tensor> = opt.params().map(|(_, p)| p.shallow_clone()).collect();
+    let grads = Grads::Full(
+        Tensor::run_backward(&[&loss], &params, false, false)
+            .into_iter()
+            .map(|g| g.defined().then_some(g))
+            .collect(),
+    );
     let t_bwd = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
-    let norm = opt.grad_norm();
+    let norm = opt.grad_norm(&grads);
     let max = cfg.train.max_grad_norm;
     if max > 0.0 && norm > max {
-        opt.scale_grads(max / (norm + 1e-6));
+        opt.scale_grads(&grads, max / (norm + 1e-6));
     }
     let t_norm = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    opt.update(cfg.train.lr);
+    opt.update(cfg.train.lr, &grads);
     let t_update = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    opt.zero_grad();
+    drop(grads);
     let t_zero = t.elapsed().as_secs_f64();
     (
         [t_data, t_fwd, t_ref, t_bwd, t_norm + t_update + t_zero],

@@ -274,9 +274,9 @@ pub struct TrainConfig {
     /// Sharding across data-parallel ranks (ZeRO): 0 = none, 1 = optimizer state (AdamW moments and fp32
     /// masters), 2 = that plus gradients reduce-scattered instead of all-reduced (each rank receives only its
     /// slice: half the gradient traffic of stage 1). Each rank updates only its slice of the flattened
-    /// parameters and the updated slices are all-gathered. The gradient buffers themselves stay full-size
-    /// (autograd fills them before any exchange; tch has no per-parameter hooks to free them early), so
-    /// stage 2 needs the same memory as stage 1.
+    /// parameters and the updated slices are all-gathered. Stage 2 keeps only the owned gradient slices from
+    /// the exchange to the update; during backward the gradients are whole at every stage (tch has no
+    /// per-parameter hooks to reduce them as they appear).
     #[serde(default)]
     pub zero_stage: u8,
     /// Refuse to start when the memory plan (`memplan`) exceeds the device's memory; false: warn and start.

@@ -185,7 +185,7 @@ pub struct PlanInput {
     /// Data-parallel ranks.
     pub world: usize,
     /// `train.zero_stage`: 0 none; 1 and 2 shard AdamW moments and fp32 masters 1/world (2 reduce-scatters the
-    /// gradients, whose buffers stay full-size).
+    /// gradients and keeps the owned slices after the exchange; they are whole during backward, the peak).
     pub zero_stage: u8,
     /// `train.micro_batch_size`: pairs per forward on one rank.
     pub micro_batch_size: usize,
@@ -560,10 +560,12 @@ pub struct MemoryPlan {
     pub shape: BatchShape,
     /// Every parameter in the weight dtype (frozen ones too: the forward needs them).
     pub weights: u64,
-    /// `.grad` of every parameter that receives one, in the weight dtype (autograd's gradients have the
-    /// parameter's dtype). Full-size at every ZeRO stage: this trainer's stage 2 reduce-scatters the
-    /// gradients, but autograd has filled every full `.grad` before any exchange (tch offers no
-    /// per-parameter hooks to free them per bucket), so stage 2 holds stage 1's gradient memory.
+    /// The gradient of every parameter that receives one, in the weight dtype (autograd's gradients have the
+    /// parameter's dtype). Full-size at every ZeRO stage: the trainer's gradients exist from backward to the
+    /// update (none during the forward of a step's first micro-batch), and backward produces them whole
+    /// before any exchange (tch offers no per-parameter hooks to reduce them per bucket); stage 2 cuts them
+    /// to the owned slices after the exchange, which is past the peak. Counted beside the activations: an
+    /// upper bound, as backward frees activations while it makes gradients.
     pub gradients: u64,
     /// bf16 only: the fp32 master copy `train::optim::AdamW` keeps of every trainable parameter (updates of
     /// lr ≈ 5e-7 round away in bf16); ZeRO ≥ 1 keeps 1/world.

@@ -150,6 +150,20 @@ fn zero_stages_equal_plain_data_parallel() {
                 plain[0].optimizer_state_bytes,
                 "{shares:?}"
             );
+            // ZeRO-2 keeps only the owned gradient slices after the reduce-scatter: the ranks' add up to one
+            // plain rank's whole gradients. ZeRO-1 keeps whole gradients.
+            let grads: Vec<usize> = reports.iter().map(|r| r.gradient_bytes_at_update).collect();
+            let full = plain[0].gradient_bytes_at_update;
+            assert!(full > 0);
+            if stage == 2 {
+                assert_eq!(grads.iter().sum::<usize>(), full, "{grads:?}");
+                assert!(
+                    grads.iter().all(|&g| g <= full / world + full / 10),
+                    "{grads:?} of {full}"
+                );
+            } else {
+                assert!(grads.iter().all(|&g| g == full), "{grads:?} vs {full}");
+            }
             for file in ["model.safetensors", "optimizer.safetensors"] {
                 let (worst, largest) = max_diff(&plain_dir.join(file), &dir.join(file));
                 eprintln!(

@@ -124,8 +124,13 @@ impl Llava {
     ) -> Result<(nn::VarStore, Self), String> {
         let config = LlavaConfig::from_dir(dir)?;
         let mut vs = nn::VarStore::new(device);
-        let model = Self::new(&vs.root(), &config)?;
+        // Variables are made in the target dtype straight away (a bf16 7B model never exists in fp32 on the
+        // device); their random initial values are overwritten by the checkpoint's.
         vs.set_kind(kind);
+        let model = {
+            let _rng = super::global_rng_lock();
+            Self::new(&vs.root(), &config)?
+        };
         super::weights::load(&vs, dir).map_err(|e| e.to_string())?;
         Ok((vs, model))
     }

@@ -7,3 +7,12 @@ pub mod llama;
 pub mod llava;
 pub mod preset;
 pub mod weights;
+
+/// Serialises the code that draws from libtorch's process-wide generator while building models: variable
+/// creation draws its initial values there. `preset::init_model` seeds it and must see its own draws in
+/// order, so a model loaded (or adapters attached) on another thread meanwhile — tests, a worker's
+/// precompute beside its trainer — cannot change which random model a seed gives.
+pub fn global_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

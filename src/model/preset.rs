@@ -68,9 +68,12 @@ fn model_files(name: &str) -> Result<(LlavaConfig, Files), PresetError> {
 /// tokenizer and processor files, written atomically. Returns the file names.
 pub fn init_model(out: &Path, name: &str, seed: u64) -> Result<Vec<String>, PresetError> {
     let (cfg, files) = model_files(name)?;
-    tch::manual_seed(seed as i64);
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    Llava::new(&vs.root(), &cfg).map_err(PresetError::Model)?;
+    {
+        let _rng = super::global_rng_lock();
+        tch::manual_seed(seed as i64);
+        Llava::new(&vs.root(), &cfg).map_err(PresetError::Model)?;
+    }
     weights::save(&vs, out, tch::Kind::Float, &files)
         .map_err(|e| PresetError::Model(e.to_string()))?;
     let mut names: Vec<String> = files.iter().map(|(f, _)| f.to_string()).collect();

@@ -32,7 +32,10 @@ pub fn attach(
     resume_from: Option<&Path>,
 ) -> Result<nn::VarStore, TrainError> {
     let mut lvs = nn::VarStore::new(device);
-    model.add_lora(&lvs.root(), &cfg.lora);
+    {
+        let _rng = crate::model::global_rng_lock();
+        model.add_lora(&lvs.root(), &cfg.lora);
+    }
     // The same initial adapters on every rank and in every run of the job: A drawn from the project's own
     // PRNG (seeded by train.seed and the variable's name), not libtorch's global generator, which other
     // threads of the process may draw from meanwhile.

@@ -35,7 +35,7 @@ use crate::refcache::{self, CacheError, RefCache};
 
 use checkpoint::{CheckpointError, TrainerState};
 use data::{Feed, FeedPlan, PairSource, RowRef};
-use optim::{AdamW, AdamWConfig, OptimError};
+use optim::{AdamW, AdamWConfig, Grads, OptimError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -132,6 +132,9 @@ pub struct TrainReport {
     pub stopped: bool,
     /// Bytes of optimizer state this rank held (moments and fp32 masters; 1/world of it under ZeRO).
     pub optimizer_state_bytes: usize,
+    /// Bytes of gradients this rank held from the gradient exchange to the update, at the last applied step
+    /// (whole gradients; under ZeRO-2 only the owned slices, about 1/world).
+    pub gradient_bytes_at_update: usize,
 }
 
 /// The weight dtype for a device: `fp32` and `bf16` as asked (bf16 works on CPU too), `auto` is bf16 on CUDA
@@ -190,6 +193,8 @@ struct Run<'a> {
     /// Zero gradients standing in, in the gradient exchange, for parameters that receive none (the vision
     /// layers after the feature layer), so every rank's buckets have the same layout.
     zero_grads: BTreeMap<String, Tensor>,
+    /// See [`TrainReport::gradient_bytes_at_update`].
+    gradient_bytes_at_update: usize,
     /// Open on rank 0 only: one writer for the job's metrics.
     metrics: Option<std::fs::File>,
     state: TrainerState,
@@ -283,9 +288,10 @@ impl Run<'_> {
         let local = micro.iter().map(|b| b.pairs).sum::<usize>() as f64;
         let mut sums = MetricSums::default();
         let mut finite = true;
-        self.opt.zero_grad();
         let t_fb = Instant::now();
         let dropout = self.lora.is_some() && self.cfg.lora.dropout > 0.0;
+        let params: Vec<Tensor> = self.opt.params().map(|(_, p)| p.shallow_clone()).collect();
+        let mut grads: Vec<Option<Tensor>> = params.iter().map(|_| None).collect();
         for (i, batch) in micro.into_iter().enumerate() {
             let batch = batch.to_device(self.device);
             let reference = self.reference.as_ref().map(|r| &r.1);
@@ -300,6 +306,8 @@ impl Run<'_> {
                 local,
                 &self.cfg.ddpo,
                 seed,
+                &params,
+                &mut grads,
                 &mut sums,
             );
         }
@@ -311,57 +319,62 @@ impl Run<'_> {
             // so the buckets — and with them each element's summation order — are the same whatever the
             // ZeRO stage, and match the optimizer's ownership.
             let stand_ins = &mut self.zero_grads;
-            let grads: Vec<Tensor> = self
+            let exchanged: Vec<Tensor> = self
                 .opt
                 .params()
-                .map(|(name, p)| {
-                    let g = p.grad();
-                    if g.defined() {
-                        g
-                    } else {
-                        // Made once: which parameters get no gradient does not change between steps.
-                        stand_ins
-                            .entry(name.clone())
-                            .or_insert_with(|| Tensor::zeros_like(p))
-                            .shallow_clone()
-                    }
+                .zip(&grads)
+                .map(|((name, p), g)| match g {
+                    Some(g) => g.shallow_clone(),
+                    // Made once: which parameters get no gradient does not change between steps.
+                    None => stand_ins
+                        .entry(name.clone())
+                        .or_insert_with(|| Tensor::zeros_like(p))
+                        .shallow_clone(),
                 })
                 .collect();
             if self.cfg.train.zero_stage >= 2 {
                 // Each rank keeps only its reduced chunk.
-                collective::reduce_scatter_mean_tensors(&mut *self.comm, &grads, BUCKET_BYTES)?;
+                collective::reduce_scatter_mean_tensors(&mut *self.comm, &exchanged, BUCKET_BYTES)?;
             } else {
-                self.comm.all_reduce_mean_tensors(&grads, BUCKET_BYTES)?;
+                self.comm
+                    .all_reduce_mean_tensors(&exchanged, BUCKET_BYTES)?;
             }
             tracing::debug!(
                 secs = t_compute.elapsed().as_secs_f64(),
                 "gradient exchange"
             );
         }
+        // ZeRO-2 frees the whole gradients here and keeps the owned slices; otherwise they live until the
+        // update. Either way they are dropped when this step ends, before the next forward.
+        let grads = if self.opt.is_sharded() && self.cfg.train.zero_stage >= 2 {
+            self.opt.keep_owned(grads)
+        } else {
+            Grads::Full(grads)
+        };
         let norm = if self.opt.is_sharded() {
-            let mut sq = [self.opt.grad_sq_local()];
+            let mut sq = [self.opt.grad_sq_local(&grads)];
             self.comm.all_reduce_sum_f64(&mut sq)?;
             sq[0].sqrt()
         } else {
-            self.opt.grad_norm()
+            self.opt.grad_norm(&grads)
         };
         if bad > 0.0 || !norm.is_finite() {
-            self.opt.zero_grad();
             return Ok((sums, norm, false));
         }
         let max = self.cfg.train.max_grad_norm;
         if max > 0.0 && norm > max {
-            self.opt.scale_grads(max / (norm + 1e-6));
+            self.opt.scale_grads(&grads, max / (norm + 1e-6));
         }
         let t_update = Instant::now();
-        self.opt.update(lr);
+        self.opt.update(lr, &grads);
+        self.gradient_bytes_at_update = grads.bytes();
+        drop(grads);
         if self.opt.is_sharded() {
             // Each rank updated its slices; now everybody takes everybody's.
             let params: Vec<Tensor> = self.opt.params().map(|(_, p)| p.detach()).collect();
             collective::all_gather_tensors(&mut *self.comm, &params, BUCKET_BYTES)?;
         }
         tracing::debug!(secs = t_update.elapsed().as_secs_f64(), "optimizer update");
-        self.opt.zero_grad();
         let every = self.cfg.cluster.replica_check_every;
         if self.world() > 1 && every > 0 && (self.state.step + 1) % every == 0 {
             let t_check = Instant::now();
@@ -447,8 +460,10 @@ pub fn terms(
     ddpo::pair_terms(&policy, &reference, batch, cfg)
 }
 
-/// Forward and backward of one micro-batch; each pair's loss enters with weight 1/`global_pairs`, so the
-/// gradients accumulated over a step's micro-batches equal those of the global batch's mean loss. With
+/// Forward and backward of one micro-batch; each pair's loss enters with weight 1/`global_pairs`, and the
+/// gradients with respect to `params` are added to `grads` (as `.grad` accumulates, but in tensors the caller
+/// owns and can free), so over a step's micro-batches they sum to the gradient of the global batch's mean
+/// loss. With
 /// `lora_dropout_seed`, LoRA dropout is on for the policy's forward, its masks drawn from libtorch's
 /// default generator seeded with it. Returns whether the micro-batch's loss was finite.
 pub fn micro_step(
@@ -458,6 +473,8 @@ pub fn micro_step(
     global_pairs: f64,
     cfg: &crate::config::DdpoConfig,
     lora_dropout_seed: Option<i64>,
+    params: &[Tensor],
+    grads: &mut [Option<Tensor>],
     sums: &mut MetricSums,
 ) -> bool {
     let t = match lora_dropout_seed {
@@ -478,7 +495,21 @@ pub fn micro_step(
     };
     let loss = t.loss.sum(Kind::Float) / global_pairs;
     let finite = loss.double_value(&[]).is_finite();
-    loss.backward();
+    let new = Tensor::run_backward(&[&loss], params, false, false);
+    tch::no_grad(|| {
+        for (acc, g) in grads.iter_mut().zip(new) {
+            if !g.defined() {
+                continue;
+            }
+            match acc {
+                // `.grad`'s own accumulation: an in-place add.
+                Some(a) => {
+                    let _ = a.g_add_(&g);
+                }
+                None => *acc = Some(if g.is_contiguous() { g } else { g.contiguous() }),
+            }
+        }
+    });
     sums.add(&t, batch.response_tokens);
     finite
 }
@@ -753,6 +784,7 @@ pub fn train_distributed(
         reference,
         opt,
         zero_grads: BTreeMap::new(),
+        gradient_bytes_at_update: 0,
         eval: eval_src,
         metrics,
         state,
@@ -929,5 +961,6 @@ pub fn train_distributed(
         reference_loaded,
         stopped,
         optimizer_state_bytes: run.opt.state_bytes(),
+        gradient_bytes_at_update: run.gradient_bytes_at_update,
     })
 }

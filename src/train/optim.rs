@@ -63,6 +63,30 @@ pub struct AdamW {
     pub step: u64,
 }
 
+/// Gradients of the trainable variables for one update. They are the trainer's own tensors (from
+/// `Tensor::run_backward`), not `.grad`, so they can be freed: dropped after the update, as PyTorch's
+/// `zero_grad(set_to_none=True)` does, and under ZeRO-2 cut down to the owned slices right after the
+/// reduce-scatter ([`AdamW::keep_owned`]), so between the exchange and the next backward a rank holds 1/world
+/// of them.
+#[derive(Debug)]
+pub enum Grads {
+    /// Whole gradients in the optimizer's variable order; `None` for a variable that received none.
+    Full(Vec<Option<Tensor>>),
+    /// One flat gradient per slot (owned slice), `None` where the variable received none.
+    Owned(Vec<Option<Tensor>>),
+}
+
+impl Grads {
+    /// Bytes of the gradient tensors held.
+    pub fn bytes(&self) -> usize {
+        let (Grads::Full(g) | Grads::Owned(g)) = self;
+        g.iter()
+            .flatten()
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum()
+    }
+}
+
 /// Flat view of a slice of a tensor (shares storage: in-place ops write through).
 fn flat_slice(t: &Tensor, r: &Range<usize>) -> Tensor {
     t.detach()
@@ -139,17 +163,39 @@ impl AdamW {
         self.params.iter().map(|(k, p)| (k, p))
     }
 
+    /// The gradient of slot `i` (a flat view sharing storage with `grads`), if its variable has one.
+    fn slot_grad(&self, grads: &Grads, i: usize) -> Option<Tensor> {
+        let s = &self.slots[i];
+        match grads {
+            Grads::Full(g) => g[s.param].as_ref().map(|g| flat_slice(g, &s.range)),
+            Grads::Owned(g) => g[i].as_ref().map(Tensor::shallow_clone),
+        }
+    }
+
+    /// Copies the owned slices out of whole gradients (after a reduce-scatter, the reduced ones) and drops the
+    /// whole tensors, freeing them: ZeRO-2 keeps 1/world of the gradient memory from here to the update.
+    pub fn keep_owned(&self, full: Vec<Option<Tensor>>) -> Grads {
+        let owned = tch::no_grad(|| {
+            self.slots
+                .iter()
+                .map(|s| {
+                    full[s.param]
+                        .as_ref()
+                        .map(|g| flat_slice(g, &s.range).copy())
+                })
+                .collect()
+        });
+        Grads::Owned(owned)
+    }
+
     /// Σ g² over the owned slices' gradients (fp64 accumulation; NaN/inf propagate). Unsharded this is the
     /// squared global norm; sharded, the caller sums it over ranks.
-    pub fn grad_sq_local(&self) -> f64 {
+    pub fn grad_sq_local(&self, grads: &Grads) -> f64 {
         let mut sq = 0.0f64;
-        for s in &self.slots {
-            let g = self.params[s.param].1.grad();
-            if g.defined() {
+        for i in 0..self.slots.len() {
+            if let Some(g) = self.slot_grad(grads, i) {
                 // Accumulated in float64 inside the reduction, without a float64 copy of the gradient.
-                let n = flat_slice(&g, &s.range)
-                    .norm_scalaropt_dtype(2.0, Kind::Double)
-                    .double_value(&[]);
+                let n = g.norm_scalaropt_dtype(2.0, Kind::Double).double_value(&[]);
                 sq += n * n;
             }
         }
@@ -157,47 +203,37 @@ impl AdamW {
     }
 
     /// Global L2 norm of the gradients of an unsharded optimizer.
-    pub fn grad_norm(&self) -> f64 {
+    pub fn grad_norm(&self, grads: &Grads) -> f64 {
         debug_assert!(!self.is_sharded(), "sharded: sum grad_sq_local over ranks");
-        self.grad_sq_local().sqrt()
+        self.grad_sq_local(grads).sqrt()
     }
 
     /// Multiplies the owned gradients by `factor` (clipping).
-    pub fn scale_grads(&self, factor: f64) {
+    pub fn scale_grads(&self, grads: &Grads, factor: f64) {
         tch::no_grad(|| {
-            for s in &self.slots {
-                let g = self.params[s.param].1.grad();
-                if g.defined() {
-                    let _ = flat_slice(&g, &s.range).g_mul_scalar_(factor);
+            for i in 0..self.slots.len() {
+                if let Some(g) = self.slot_grad(grads, i) {
+                    let _ = g.detach().g_mul_scalar_(factor);
                 }
             }
         });
     }
 
-    pub fn zero_grad(&self) {
-        for (_, p) in &self.params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.detach_().zero_();
-            }
-        }
-    }
-
-    /// One AdamW update with learning rate `lr` of the owned slices.
-    pub fn update(&mut self, lr: f64) {
+    /// One AdamW update with learning rate `lr` of the owned slices, from `grads`.
+    pub fn update(&mut self, lr: f64, grads: &Grads) {
         self.step += 1;
         let t = self.step as f64; // Python computes beta ** float(step)
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powf(t);
         let bc2 = 1.0 - c.beta2.powf(t);
         tch::no_grad(|| {
-            for s in self.slots.iter_mut() {
-                let param = &self.params[s.param].1;
-                let g = param.grad();
-                if !g.defined() {
+            for i in 0..self.slots.len() {
+                let Some(g) = self.slot_grad(grads, i) else {
                     continue;
-                }
-                let g = flat_slice(&g, &s.range).to_kind(Kind::Float);
+                };
+                let g = g.to_kind(Kind::Float);
+                let s = &mut self.slots[i];
+                let param = &self.params[s.param].1;
                 // fp32 parameters are updated in place; low-precision ones through their master copy.
                 let mut p32 = match &s.master {
                     Some(m) => m.shallow_clone(),
@@ -441,9 +477,13 @@ mod tests {
         };
         let mut opt = AdamW::new(BTreeMap::from([("w".to_string(), p.shallow_clone())]), cfg);
         for _ in 0..200 {
-            opt.zero_grad();
-            p.to_kind(Kind::Float).sum(Kind::Float).backward();
-            opt.update(5e-7);
+            let g = Tensor::run_backward(
+                &[p.to_kind(Kind::Float).sum(Kind::Float)],
+                &[&p],
+                false,
+                false,
+            );
+            opt.update(5e-7, &Grads::Full(g.into_iter().map(Some).collect()));
         }
         let master = opt.slots[0].master.as_ref().unwrap().view([64, 64]);
         let master = &master;
@@ -513,16 +553,11 @@ mod tests {
             .collect();
         let mut opt = AdamW::new(shared, cfg);
         for (step, &lr) in lrs.iter().enumerate() {
-            for (n, p) in &params {
-                let mut g = p.grad();
-                if !g.defined() {
-                    // Materialise .grad the way backward does, then overwrite it.
-                    p.sum(Kind::Float).backward();
-                    g = p.grad();
-                }
-                tch::no_grad(|| g.copy_(&fx[&format!("grad.{step}.{n}")]));
-            }
-            opt.update(lr);
+            let grads = params
+                .keys()
+                .map(|n| Some(fx[&format!("grad.{step}.{n}")].copy()))
+                .collect();
+            opt.update(lr, &Grads::Full(grads));
         }
         for (i, n) in names.iter().enumerate() {
             let s = &opt.slots[i];
@@ -563,9 +598,9 @@ mod tests {
         let xs = [0.3f64, -0.7, 1.1, 0.2];
         let (mut m, mut v) = ([0.0f64; 4], [0.0f64; 4]);
         for t in 1..=2 {
-            opt.zero_grad();
-            (&p * &x).square().sum(Kind::Float).backward();
-            opt.update(0.01);
+            let g =
+                Tensor::run_backward(&[(&p * &x).square().sum(Kind::Float)], &[&p], false, false);
+            opt.update(0.01, &Grads::Full(g.into_iter().map(Some).collect()));
             for i in 0..4 {
                 let g = 2.0 * pr[i] * xs[i] * xs[i];
                 pr[i] *= 1.0 - 0.01 * 0.1;
