@@ -265,21 +265,21 @@ fn accumulation_equals_one_big_batch() {
     let hw = pre.image.fixed_output_size().unwrap();
     let grads = |micro: usize| -> (Vec<(String, tch::Tensor)>, f64) {
         let (vs, model) = Llava::load(&cfg.model.path, tch::Device::Cpu, tch::Kind::Float).unwrap();
-        let mut sums = ddpo::ddpo::MetricSums::default();
         let vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
-        let params: Vec<tch::Tensor> = vars.iter().map(|(_, v)| v.shallow_clone()).collect();
-        let mut acc: Vec<Option<tch::Tensor>> = params.iter().map(|_| None).collect();
+        let mut acc =
+            ddpo::train::Accumulated::new(vars.iter().map(|(_, v)| v.shallow_clone()).collect());
         for chunk in exs.chunks(micro) {
             let batch = collate(chunk, pad, hw, cfg.train.shared_prefix);
             assert!(ddpo::train::micro_step(
-                &model, None, &batch, 8.0, &cfg.ddpo, None, &params, &mut acc, &mut sums
+                &model, None, &batch, 8.0, &cfg.ddpo, None, &mut acc
             ));
         }
         // micro_step leaves `.grad` alone: the gradients are the caller's.
-        assert!(params.iter().all(|p| !p.grad().defined()));
+        assert!(acc.params.iter().all(|p| !p.grad().defined()));
+        let sums = acc.sums;
         let mut g: Vec<(String, tch::Tensor)> = vars
             .into_iter()
-            .zip(acc)
+            .zip(acc.grads)
             .filter_map(|((k, _), g)| Some((k, g?)))
             .collect();
         g.sort_by(|a, b| a.0.cmp(&b.0));

@@ -286,12 +286,10 @@ impl Run<'_> {
         // Each rank takes its equal share; its loss is a mean over its share, and the gradient all-reduce
         // averages over ranks, so the result is the gradient of the global batch's mean loss.
         let local = micro.iter().map(|b| b.pairs).sum::<usize>() as f64;
-        let mut sums = MetricSums::default();
         let mut finite = true;
         let t_fb = Instant::now();
         let dropout = self.lora.is_some() && self.cfg.lora.dropout > 0.0;
-        let params: Vec<Tensor> = self.opt.params().map(|(_, p)| p.shallow_clone()).collect();
-        let mut grads: Vec<Option<Tensor>> = params.iter().map(|_| None).collect();
+        let mut acc = Accumulated::new(self.opt.params().map(|(_, p)| p.shallow_clone()).collect());
         for (i, batch) in micro.into_iter().enumerate() {
             let batch = batch.to_device(self.device);
             let reference = self.reference.as_ref().map(|r| &r.1);
@@ -306,12 +304,11 @@ impl Run<'_> {
                 local,
                 &self.cfg.ddpo,
                 seed,
-                &params,
-                &mut grads,
-                &mut sums,
+                &mut acc,
             );
         }
         tracing::debug!(secs = t_fb.elapsed().as_secs_f64(), "forward and backward");
+        let Accumulated { grads, sums, .. } = acc;
         let t_compute = Instant::now();
         let (sums, bad) = self.reduce_sums(&sums, if finite { 0.0 } else { 1.0 })?;
         if self.world() > 1 {
@@ -460,10 +457,28 @@ pub fn terms(
     ddpo::pair_terms(&policy, &reference, batch, cfg)
 }
 
+/// What a step's micro-batches add up: gradients with respect to `params` (in tensors the trainer owns and
+/// frees, not `.grad`) and metric sums.
+pub struct Accumulated {
+    pub params: Vec<Tensor>,
+    /// Parallel to `params`; `None` until a micro-batch gives that parameter a gradient.
+    pub grads: Vec<Option<Tensor>>,
+    pub sums: MetricSums,
+}
+
+impl Accumulated {
+    pub fn new(params: Vec<Tensor>) -> Self {
+        Self {
+            grads: params.iter().map(|_| None).collect(),
+            params,
+            sums: MetricSums::default(),
+        }
+    }
+}
+
 /// Forward and backward of one micro-batch; each pair's loss enters with weight 1/`global_pairs`, and the
-/// gradients with respect to `params` are added to `grads` (as `.grad` accumulates, but in tensors the caller
-/// owns and can free), so over a step's micro-batches they sum to the gradient of the global batch's mean
-/// loss. With
+/// gradients are added to `acc.grads` (an in-place add, as `.grad` accumulates), so over a step's
+/// micro-batches they sum to the gradient of the global batch's mean loss. With
 /// `lora_dropout_seed`, LoRA dropout is on for the policy's forward, its masks drawn from libtorch's
 /// default generator seeded with it. Returns whether the micro-batch's loss was finite.
 pub fn micro_step(
@@ -473,9 +488,7 @@ pub fn micro_step(
     global_pairs: f64,
     cfg: &crate::config::DdpoConfig,
     lora_dropout_seed: Option<i64>,
-    params: &[Tensor],
-    grads: &mut [Option<Tensor>],
-    sums: &mut MetricSums,
+    acc: &mut Accumulated,
 ) -> bool {
     let t = match lora_dropout_seed {
         Some(seed) => {
@@ -495,22 +508,22 @@ pub fn micro_step(
     };
     let loss = t.loss.sum(Kind::Float) / global_pairs;
     let finite = loss.double_value(&[]).is_finite();
-    let new = Tensor::run_backward(&[&loss], params, false, false);
+    let new = Tensor::run_backward(&[&loss], &acc.params, false, false);
     tch::no_grad(|| {
-        for (acc, g) in grads.iter_mut().zip(new) {
+        for (sum, g) in acc.grads.iter_mut().zip(new) {
             if !g.defined() {
                 continue;
             }
-            match acc {
+            match sum {
                 // `.grad`'s own accumulation: an in-place add.
                 Some(a) => {
                     let _ = a.g_add_(&g);
                 }
-                None => *acc = Some(if g.is_contiguous() { g } else { g.contiguous() }),
+                None => *sum = Some(if g.is_contiguous() { g } else { g.contiguous() }),
             }
         }
     });
-    sums.add(&t, batch.response_tokens);
+    acc.sums.add(&t, batch.response_tokens);
     finite
 }
 
