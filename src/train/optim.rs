@@ -60,6 +60,10 @@ pub struct AdamW {
     slots: Vec<Slot>,
     /// (world, rank, bucket bytes) when sharded.
     sharding: Option<(usize, usize, usize)>,
+    /// CPU only: two fp32 buffers of the largest slot's length for the update's temporaries. Fresh
+    /// temporaries of that size cost page faults on every step (half the update's time on the `small`
+    /// preset); CUDA's caching allocator reuses its blocks, so there they stay temporaries.
+    scratch: Option<(Tensor, Tensor)>,
     pub step: u64,
 }
 
@@ -149,6 +153,7 @@ impl AdamW {
             params,
             slots,
             sharding,
+            scratch: None,
             step: 0,
         }
     }
@@ -226,6 +231,17 @@ impl AdamW {
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powf(t);
         let bc2 = 1.0 - c.beta2.powf(t);
+        let on_cpu =
+            self.slots.first().map(|s| self.params[s.param].1.device()) == Some(tch::Device::Cpu);
+        if on_cpu && self.scratch.is_none() {
+            let n = self.slots.iter().map(|s| s.range.len()).max().unwrap_or(0) as i64;
+            let buf = || Tensor::empty([n], (Kind::Float, tch::Device::Cpu));
+            self.scratch = Some((buf(), buf()));
+        }
+        let scratch = self
+            .scratch
+            .as_ref()
+            .map(|(a, b)| (a.shallow_clone(), b.shallow_clone()));
         tch::no_grad(|| {
             for i in 0..self.slots.len() {
                 let Some(g) = self.slot_grad(grads, i) else {
@@ -245,13 +261,26 @@ impl AdamW {
                 if param.dim() > 1 && c.weight_decay != 0.0 {
                     let _ = p32.g_mul_scalar_(1.0 - lr * c.weight_decay);
                 }
+                // The same kernels write into the CPU scratch buffers instead of fresh temporaries.
+                let n = s.range.len() as i64;
+                let (t1, t2) = match &scratch {
+                    Some((a, b)) => (Some(a.narrow(0, 0, n)), Some(b.narrow(0, 0, n))),
+                    None => (None, None),
+                };
+                let scaled = |x: &Tensor, k: f64| match &t1 {
+                    Some(out) => x.mul_scalar_out(out, k),
+                    None => x * k,
+                };
                 let _ = s.m.lerp_(&g, 1.0 - c.beta1);
                 let _ =
                     s.v.g_mul_scalar_(c.beta2)
-                        .addcmul_(&(&g * (1.0 - c.beta2)), &g);
-                let mut denom = s.v.sqrt();
+                        .addcmul_(&scaled(&g, 1.0 - c.beta2), &g);
+                let mut denom = match &t2 {
+                    Some(out) => s.v.sqrt_out(out),
+                    None => s.v.sqrt(),
+                };
                 let _ = denom.g_div_scalar_(bc2.sqrt()).g_add_scalar_(c.eps);
-                let _ = p32.addcdiv_(&(&s.m * (-lr / bc1)), &denom);
+                let _ = p32.addcdiv_(&scaled(&s.m, -lr / bc1), &denom);
                 if s.master.is_some() {
                     flat_slice(param, &s.range).copy_(&p32);
                 }
