@@ -204,10 +204,16 @@ fn child(model_dir: &Path, layout: &str) {
         if norm > MAX_GRAD_NORM {
             opt.scale_grads(&grads, MAX_GRAD_NORM / (norm + 1e-6));
         }
+        let t_norm = t.elapsed().as_secs_f64() - t_fwd - t_bwd;
         opt.update(LR, &grads);
         drop(grads);
         times.push(t.elapsed().as_secs_f64());
-        phases.push([t_fwd, t_bwd]);
+        phases.push([
+            t_fwd,
+            t_bwd,
+            t_norm,
+            times.last().unwrap() - t_fwd - t_bwd - t_norm,
+        ]);
         losses.push(sums.loss / sums.pairs);
     }
     let med = median(times[1..].to_vec());
@@ -222,6 +228,8 @@ fn child(model_dir: &Path, layout: &str) {
             "losses": losses,
             "forward_s": median(phases[1..].iter().map(|p| p[0]).collect()),
             "backward_s": median(phases[1..].iter().map(|p| p[1]).collect()),
+            "norm_and_clip_s": median(phases[1..].iter().map(|p| p[2]).collect()),
+            "update_s": median(phases[1..].iter().map(|p| p[3]).collect()),
             "tokens_split_layout": tokens,
             "threads": threads,
         })
