@@ -22,7 +22,8 @@
 //! caching allocator hands the blocks freed after backward to the optimizer update, so the peak is the fixed
 //! terms plus the larger of (activations + backward transients) and the update temporaries. On CPU every term
 //! adds: glibc's malloc keeps the pages of freed activations in its heaps (chunks under its dynamic mmap
-//! threshold, at most 32 MiB) while the update's large temporaries are fresh mappings, so they land on top.
+//! threshold, at most 32 MiB) while the update's temporaries are scratch buffers AdamW keeps between steps,
+//! so they land on top.
 //!
 //! Sequence lengths ([`Lengths`]): by default the `data.max_length` bound (the prompt is never truncated, so the
 //! shortest prompt — the visual tokens alone — leaves the most room for responses); a measured length (e.g. the
@@ -31,7 +32,11 @@
 //! Not counted: evaluation passes (no_grad, smaller than a training step), checkpoint writing (host memory),
 //! CUDA caching-allocator fragmentation, NCCL's own buffers (inside the CUDA estimate).
 //!
-//! Accuracy: on CPU the plan of the `small` preset is within 4 % of the measured peak resident memory of
+//! LoRA ([`LoraPlan`]): the base counts as frozen; the adapters add their weights, gradients, masters and
+//! moments, and per token the saved input of each B (rank wide) and, with dropout, each adapter's dropped
+//! input and mask.
+//!
+//! Accuracy: on CPU the plan of the `small` preset is within 5 % of the measured peak resident memory of
 //! `ddpo train` (BENCHMARKS.md, `benches/memplan.rs`; `tests/memplan.rs` asserts 10 %). The CUDA rule and its
 //! overhead are not yet measured on a GPU.
 //!
@@ -197,6 +202,79 @@ pub struct PlanInput {
     /// `reference.mode`: online keeps a second, frozen model in memory.
     pub reference: ReferenceMode,
     pub device: PlanDevice,
+    /// `lora.rank > 0`: adapters on the (then frozen) base; `freeze` lists every part.
+    pub lora: Option<LoraPlan>,
+}
+
+/// LoRA adapters as the plan counts them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraPlan {
+    pub rank: u64,
+    /// `lora.target_modules`: decoder projections.
+    pub targets: Vec<String>,
+    /// `lora.dropout > 0`.
+    pub dropout: bool,
+}
+
+impl LoraPlan {
+    pub fn of(cfg: &crate::config::LoraConfig) -> Option<Self> {
+        (cfg.rank > 0).then(|| Self {
+            rank: cfg.rank as u64,
+            targets: cfg.target_modules.clone(),
+            dropout: cfg.dropout > 0.0,
+        })
+    }
+
+    /// (in, out) widths of each targeted projection of one decoder layer.
+    fn widths(&self, t: &TextConfig) -> Vec<(u64, u64)> {
+        let (d, i) = (t.hidden_size as u64, t.intermediate_size as u64);
+        let kv = t.num_key_value_heads() as u64 * head_dim(t);
+        self.targets
+            .iter()
+            .map(|name| match name.as_str() {
+                "k_proj" | "v_proj" => (d, kv),
+                "gate_proj" | "up_proj" => (d, i),
+                "down_proj" => (i, d),
+                _ => (d, d), // q_proj, o_proj
+            })
+            .collect()
+    }
+
+    /// Adapter parameters: rank × (in + out) per targeted projection and layer.
+    pub fn params(&self, t: &TextConfig) -> u64 {
+        let per_layer: u64 = self
+            .widths(t)
+            .iter()
+            .map(|(i, o)| self.rank * (i + o))
+            .sum();
+        per_layer * t.num_hidden_layers as u64
+    }
+
+    /// The largest adapter tensor (the update goes tensor by tensor).
+    fn largest(&self, t: &TextConfig) -> u64 {
+        self.widths(t)
+            .iter()
+            .map(|(i, o)| self.rank * i.max(o))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Bytes autograd saves per token for the adapters of all layers: B's input `x Aᵀ` (rank × s) per
+    /// target; with dropout also the dropped input A saves (in × s) and the mask (in × s on CPU, where
+    /// dropout multiplies by a scaled noise tensor; 1 byte on CUDA's fused kernel). Without dropout A saves
+    /// the projection's own input, already counted in the decoder's activations.
+    fn saved_per_token(&self, t: &TextConfig, s: u64, device: PlanDevice) -> u64 {
+        let mask = match device {
+            PlanDevice::Cpu => s,
+            PlanDevice::Cuda => 1,
+        };
+        let per_layer: u64 = self
+            .widths(t)
+            .iter()
+            .map(|(i, _)| self.rank * s + if self.dropout { i * (s + mask) } else { 0 })
+            .sum();
+        per_layer * t.num_hidden_layers as u64
+    }
 }
 
 impl PlanInput {
@@ -221,6 +299,7 @@ impl PlanInput {
             shared_prefix: true,
             reference: ReferenceMode::Cached,
             device,
+            lora: None,
         }
     }
 
@@ -239,8 +318,8 @@ impl PlanInput {
             name,
             model,
             dtype,
-            // LoRA: the base model is frozen; the adapters' own bytes (rank × (in + out) per projection) are
-            // left out — under 1 % of the base at the usual ranks. Activations are still counted in full.
+            // LoRA: the base model is frozen (its activations still counted in full); the adapters are
+            // planned on top.
             freeze: if cfg.lora.rank > 0 {
                 vec![
                     FreezeTarget::VisionTower,
@@ -258,6 +337,7 @@ impl PlanInput {
             shared_prefix: cfg.train.shared_prefix,
             reference: cfg.reference.mode,
             device,
+            lora: LoraPlan::of(&cfg.lora),
         }
     }
 
@@ -472,11 +552,14 @@ pub struct Activations {
     /// hidden row (D·s, saved by the LM head's matmul) and two int64 indices (row selection, gather); all
     /// chunks stay saved until backward.
     pub logits: u64,
+    /// LoRA adapters ([`LoraPlan`]): per token of the micro-batch, B's rank-wide input per target and, with
+    /// dropout, each adapter's dropped input and mask.
+    pub lora: u64,
 }
 
 impl Activations {
     pub fn total(&self) -> u64 {
-        self.vision + self.projector + self.language_model + self.logits
+        self.vision + self.projector + self.language_model + self.logits + self.lora
     }
 
     pub fn of(input: &PlanInput) -> Self {
@@ -542,12 +625,16 @@ impl Activations {
 
         // Vocabulary projection.
         let logits = sh.positions * (4 * t.vocab_size as u64 + d * s + 16);
+        let lora = input.lora.as_ref().map_or(0, |l| {
+            sh.rows * sh.len * l.saved_per_token(t, s, input.device)
+        });
 
         Self {
             vision,
             projector,
             language_model,
             logits,
+            lora,
         }
     }
 }
@@ -610,9 +697,11 @@ impl MemoryPlan {
                 bytes
             }
         };
-        let trainable = params.trainable(&input.freeze);
-        let weights = params.total() * s;
-        let gradients = params.with_gradient(&input.freeze) * s;
+        let t = &input.model.text_config;
+        let adapters = input.lora.as_ref().map_or(0, |l| l.params(t));
+        let trainable = params.trainable(&input.freeze) + adapters;
+        let weights = (params.total() + adapters) * s;
+        let gradients = (params.with_gradient(&input.freeze) + adapters) * s;
         let masters = match input.dtype {
             WeightDtype::Bf16 => shard(trainable * 4, 1),
             WeightDtype::Fp32 => 0,
@@ -625,7 +714,6 @@ impl MemoryPlan {
         let comm_buffers = if world > 1 { BUCKET_BYTES } else { 0 };
         let activations = Activations::of(&input);
 
-        let t = &input.model.text_config;
         let (vocab, d) = (t.vocab_size as u64, t.hidden_size as u64);
         let chunk = shape
             .positions
@@ -644,7 +732,11 @@ impl MemoryPlan {
                 + shape.rows * shape.len * shape.len * s;
             backward_transient = backward_transient.max(layer + chunk * vocab * 8);
         }
-        let unit = shard(params.largest_trainable(&input.freeze), 1);
+        let largest_adapter = input.lora.as_ref().map_or(0, |l| l.largest(t));
+        let unit = shard(
+            params.largest_trainable(&input.freeze).max(largest_adapter),
+            1,
+        );
         let update_transient = unit * 4 * if s == 2 { 3 } else { 2 };
 
         let (overhead, data_feed) = match input.device {
@@ -747,20 +839,38 @@ impl MemoryPlan {
                 ReferenceMode::Online => "online",
             }
         );
+        let adapters = i
+            .lora
+            .as_ref()
+            .map_or(0, |l| l.params(&i.model.text_config));
+        if let Some(l) = &i.lora {
+            let _ = writeln!(
+                out,
+                "  LoRA rank {} on {} ({} adapter parameters; base frozen){}",
+                l.rank,
+                l.targets.join(", "),
+                count(adapters),
+                if l.dropout { ", dropout" } else { "" }
+            );
+        }
         let mut row = |name: &str, bytes: u64, note: String| {
             let _ = writeln!(out, "  {name:<22} {:>11}  {note}", fmt_bytes(bytes));
         };
         row(
             "weights",
             self.weights,
-            format!("{} x {} B", count(self.params.total()), i.dtype.bytes()),
+            format!(
+                "{} x {} B",
+                count(self.params.total() + adapters),
+                i.dtype.bytes()
+            ),
         );
         row(
             "gradients",
             self.gradients,
             format!(
                 "{} with a gradient{}",
-                count(self.params.with_gradient(&i.freeze)),
+                count(self.params.with_gradient(&i.freeze) + adapters),
                 sharded(2)
             ),
         );
@@ -812,11 +922,16 @@ impl MemoryPlan {
             "activations",
             a.total(),
             format!(
-                "saved for backward: vision {}, projector {}, decoder {}, log-probs {}",
+                "saved for backward: vision {}, projector {}, decoder {}, log-probs {}{}",
                 fmt_bytes(a.vision),
                 fmt_bytes(a.projector),
                 fmt_bytes(a.language_model),
-                fmt_bytes(a.logits)
+                fmt_bytes(a.logits),
+                if a.lora > 0 {
+                    format!(", LoRA {}", fmt_bytes(a.lora))
+                } else {
+                    String::new()
+                }
             ),
         );
         row(
@@ -1369,6 +1484,38 @@ mod tests {
             c[4] = c[4].max(n);
         }
         c
+    }
+
+    /// The planned adapter parameters equal those `Llava::add_lora` makes, for every target (grouped-query
+    /// attention in tiny: k/v narrower than q).
+    #[test]
+    fn lora_adapter_counts_equal_the_varstore() {
+        let cfg = architecture("tiny").unwrap();
+        let targets = crate::config::LORA_TARGETS
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>();
+        for (rank, targets) in [(4, targets.clone()), (8, targets[..2].to_vec())] {
+            let lora = crate::config::LoraConfig {
+                rank,
+                target_modules: targets,
+                ..Default::default()
+            };
+            let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+            let lvs = tch::nn::VarStore::new(tch::Device::Cpu);
+            let mut model = Llava::new(&vs.root(), &cfg).unwrap();
+            model.add_lora(&lvs.root(), &lora);
+            let real: u64 = lvs.variables().values().map(|t| t.numel() as u64).sum();
+            let plan = LoraPlan::of(&lora).unwrap();
+            assert_eq!(plan.params(&cfg.text_config), real);
+            let largest = lvs
+                .variables()
+                .values()
+                .map(|t| t.numel() as u64)
+                .max()
+                .unwrap();
+            assert_eq!(plan.largest(&cfg.text_config), largest);
+        }
     }
 
     #[test]

@@ -228,6 +228,7 @@ fn activation_term_matches_autograd_saved_tensors() {
             shared_prefix: shared,
             reference: ddpo::config::ReferenceMode::Cached,
             device: PlanDevice::Cpu,
+            lora: None,
         }));
     }
     let mut child = Command::new(&python)

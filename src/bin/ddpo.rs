@@ -616,8 +616,10 @@ fn number_list<T: std::str::FromStr>(flag: &str, s: &str) -> Result<Vec<T>> {
 fn cmd_plan(a: PlanArgs) -> Result<ExitCode> {
     use ddpo::config::{Dtype, FreezeTarget, ReferenceMode};
     use ddpo::memplan::{
-        self, DeviceMemory, Lengths, MemoryPlan, PlanDevice, PlanInput, WeightDtype,
+        self, DeviceMemory, Lengths, LoraPlan, MemoryPlan, PlanDevice, PlanInput, WeightDtype,
     };
+    /// The LoRA column's adapter rank (PEFT's and LLaVA's usual recipes use 8–128).
+    const LORA_COLUMN_RANK: usize = 16;
 
     // The device kind to plan for (no such device is needed here) and the one to detect memory on.
     let device = match a.device.as_deref() {
@@ -767,13 +769,18 @@ fn cmd_plan(a: PlanArgs) -> Result<ExitCode> {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for input in combos {
-        // LoRA: the base frozen (no gradients, masters or moments for it; the adapters are < 1 %).
+        // LoRA: the base frozen (no gradients, masters or moments for it), adapters of the default
+        // settings on top.
         let lora = MemoryPlan::new(PlanInput {
             freeze: vec![
                 FreezeTarget::VisionTower,
                 FreezeTarget::Projector,
                 FreezeTarget::LanguageModel,
             ],
+            lora: LoraPlan::of(&ddpo::config::LoraConfig {
+                rank: LORA_COLUMN_RANK,
+                ..Default::default()
+            }),
             ..input.clone()
         });
         let lora_fits = match &memory {
@@ -818,7 +825,7 @@ fn cmd_plan(a: PlanArgs) -> Result<ExitCode> {
     println!(
         "\nGiB per {}; micro_batch_size {}, {}, shared_prefix {}, reference {}, frozen: {}; other = runtime \
          overhead, backward and update transients, communication bucket{}. LoRA: total per device with the base \
-         frozen and only adapters trained (their own bytes, under 1 % of the base, left out).",
+         frozen and only adapters trained (rank {LORA_COLUMN_RANK} on q/k/v/o_proj, no dropout).",
         if plan_device == PlanDevice::Cuda { "GPU" } else { "rank" },
         first.micro_batch_size,
         first.lengths.source,
