@@ -192,12 +192,9 @@ fn child(model_dir: &Path, layout: &str) {
         let t_fwd = t.elapsed().as_secs_f64();
         let loss = terms.loss.sum(Kind::Float) / batch.pairs as f64;
         assert!(loss.double_value(&[]).is_finite());
-        let grads = Grads::Full(
-            Tensor::run_backward(&[&loss], &params, false, false)
-                .into_iter()
-                .map(|g| g.defined().then_some(g))
-                .collect(),
-        );
+        ddpo::train::refill_grads(&params);
+        loss.backward();
+        let grads = Grads::Full(ddpo::train::grads_of(&params));
         sums.add(&terms, batch.response_tokens);
         let t_bwd = t.elapsed().as_secs_f64() - t_fwd;
         let norm = opt.grad_norm(&grads);
@@ -207,6 +204,7 @@ fn child(model_dir: &Path, layout: &str) {
         let t_norm = t.elapsed().as_secs_f64() - t_fwd - t_bwd;
         opt.update(LR, &grads);
         drop(grads);
+        ddpo::train::release_grads(&params);
         times.push(t.elapsed().as_secs_f64());
         phases.push([
             t_fwd,

@@ -538,6 +538,42 @@ fn nobody_listening_is_a_connect_error() {
     ));
 }
 
+/// A ring connect waiting for a peer that will never come gives up as soon as the caller sets `abort`
+/// (the worker's heartbeat does when the coordinator dissolves the world), long before its timeout: both
+/// while the next rank refuses connections and while it is bound but never answers the handshake.
+#[test]
+fn an_aborted_connect_stops_waiting_at_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for answers in [false, true] {
+        let l0 = RingCollective::listen(loopback()).unwrap();
+        // Bound but never accepting (the TCP connect succeeds, the handshake never does), or gone.
+        let silent = RingCollective::listen(loopback()).unwrap();
+        let peers = [l0.local_addr(), silent.local_addr()];
+        let _keep = if answers {
+            Some(silent)
+        } else {
+            drop(silent);
+            None
+        };
+        let abort = AtomicBool::new(false);
+        let start = Instant::now();
+        let e = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(300));
+                abort.store(true, Ordering::Relaxed);
+            });
+            RingCollective::connect_or_abort(l0, 0, &peers, 1, Duration::from_secs(60), &abort)
+                .unwrap_err()
+        });
+        assert!(matches!(e, CollectiveError::Aborted(_)), "{e}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            start.elapsed()
+        );
+    }
+}
+
 // ---- ranks as processes -------------------------------------------------------------------------------------
 
 const CHILD_ENV: &str = "DDPO_TEST_RING_CHILD";

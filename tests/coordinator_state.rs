@@ -181,3 +181,64 @@ fn leases_worlds_and_refusals() {
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
 }
+
+/// A member that leaves (SIGTERM) while its training task is still on the way dissolves the world at once:
+/// the member already training is told to abort at its next heartbeat (instead of waiting for the leaver at
+/// the ring handshake until the collective timeout), and the next world forms without the leaver.
+#[test]
+fn a_member_leaving_before_it_joins_dissolves_the_world() {
+    let (_dir, cfg) = setup(2);
+    let mut job = Job::new(cfg.clone(), String::new()).unwrap();
+    let a = join(&mut job, &cfg, "a");
+    let b = join(&mut job, &cfg, "b");
+    let c = join(&mut job, &cfg, "c");
+    for w in [&a, &b] {
+        match job.next_task(w, "").unwrap().kind.unwrap() {
+            pb::task::Kind::Precompute(p) => job
+                .complete_shard(pb::CompleteShardRequest {
+                    worker_id: w.clone(),
+                    shard_path: p.shard_path,
+                    ..Default::default()
+                })
+                .unwrap(),
+            other => panic!("expected precompute, got {other:?}"),
+        }
+    }
+    let train = |t: pb::Task| match t.kind.unwrap() {
+        pb::task::Kind::Train(x) => x,
+        other => panic!("expected train, got {other:?}"),
+    };
+    // `a` asks first and gets generation 1 with `b` (registered earlier than `c`) as its peer.
+    let ra = train(job.next_task(&a, "127.0.0.1:2001").unwrap());
+    assert_eq!((ra.generation, ra.world_size), (1, 2));
+    let beat = |job: &mut Job, w: &str, state: &str| {
+        job.heartbeat(pb::HeartbeatRequest {
+            worker_id: w.to_string(),
+            state: state.into(),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    assert!(!beat(&mut job, &a, "training").abort);
+    // `b` is terminated before it fetched its task.
+    beat(&mut job, &b, "exited");
+    assert!(
+        beat(&mut job, &a, "training").abort,
+        "the member waiting for the leaver must be told to stop"
+    );
+    assert!(
+        job.status()
+            .recent_errors
+            .iter()
+            .any(|e| e.contains("left (SIGTERM)")),
+        "{:?}",
+        job.status().recent_errors
+    );
+    // The next world: `a` (after asking again, with a fresh listener) and `c`; `b` gets no place.
+    assert_eq!(kind(&job.next_task(&c, "127.0.0.1:2003").unwrap()), "wait");
+    let ra = train(job.next_task(&a, "127.0.0.1:2004").unwrap());
+    let rc = train(job.next_task(&c, "127.0.0.1:2003").unwrap());
+    assert_eq!((ra.generation, rc.generation, ra.world_size), (2, 2, 2));
+    assert_eq!(ra.ring_peers, vec!["127.0.0.1:2004", "127.0.0.1:2003"]);
+    assert_ne!(kind(&job.next_task(&b, "127.0.0.1:2002").unwrap()), "train");
+}

@@ -268,18 +268,39 @@ fn accumulation_equals_one_big_batch() {
         let vars: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
         let mut acc =
             ddpo::train::Accumulated::new(vars.iter().map(|(_, v)| v.shallow_clone()).collect());
-        for chunk in exs.chunks(micro) {
-            let batch = collate(chunk, pad, hw, cfg.train.shared_prefix);
-            assert!(ddpo::train::micro_step(
-                &model, None, &batch, 8.0, &cfg.ddpo, None, &mut acc
-            ));
+        // Twice, as two training steps do: the second pass starts from the gradients released after the
+        // first (emptied, then reshaped and zeroed before backward) and must give the same sums.
+        let mut passes = Vec::new();
+        for _ in 0..2 {
+            for chunk in exs.chunks(micro) {
+                let batch = collate(chunk, pad, hw, cfg.train.shared_prefix);
+                assert!(ddpo::train::micro_step(
+                    &model, None, &batch, 8.0, &cfg.ddpo, None, &mut acc
+                ));
+            }
+            let g: Vec<Option<tch::Tensor>> = acc
+                .grads()
+                .iter()
+                .map(|g| g.as_ref().map(|g| g.copy()))
+                .collect();
+            ddpo::train::release_grads(&acc.params);
+            assert!(
+                acc.grads().iter().all(Option::is_none),
+                "released gradients still held"
+            );
+            passes.push(g);
         }
-        // micro_step leaves `.grad` alone: the gradients are the caller's.
-        assert!(acc.params.iter().all(|p| !p.grad().defined()));
-        let sums = acc.sums;
+        let second = passes.pop().unwrap();
+        for (a, b) in passes[0].iter().zip(&second) {
+            assert_eq!(a.is_some(), b.is_some());
+            if let (Some(a), Some(b)) = (a, b) {
+                assert!(a.equal(b), "a released-and-refilled gradient differs");
+            }
+        }
+        let sums = std::mem::take(&mut acc.sums);
         let mut g: Vec<(String, tch::Tensor)> = vars
             .into_iter()
-            .zip(acc.grads)
+            .zip(second)
             .filter_map(|((k, _), g)| Some((k, g?)))
             .collect();
         g.sort_by(|a, b| a.0.cmp(&b.0));

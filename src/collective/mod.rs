@@ -88,6 +88,9 @@ pub enum CollectiveError {
     /// A libtorch error while moving tensors in or out of the buckets.
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] tch::TchError),
+    /// The caller gave up on forming the ring (its world was dissolved while it waited for a peer).
+    #[error("ring connect abandoned: {0}")]
+    Aborted(String),
     /// An earlier operation failed; the collective must be re-formed.
     #[error("collective is unusable after an earlier error ({0}); re-form the ring")]
     Broken(String),

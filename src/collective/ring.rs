@@ -38,6 +38,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::{chunk_range, Collective, CollectiveError};
@@ -578,6 +579,34 @@ impl RingCollective {
         generation: u64,
         timeout: Duration,
     ) -> Result<Self, CollectiveError> {
+        Self::connect_or_abort(
+            listener,
+            rank,
+            peers,
+            generation,
+            timeout,
+            &AtomicBool::new(false),
+        )
+    }
+
+    /// [`RingCollective::connect`] that also gives up, with [`CollectiveError::Aborted`], as soon as `abort` is
+    /// set while it waits for a peer: a worker whose world the coordinator dissolved (a member left before
+    /// joining) stops waiting then instead of at the timeout.
+    pub fn connect_or_abort(
+        listener: RingListener,
+        rank: usize,
+        peers: &[SocketAddr],
+        generation: u64,
+        timeout: Duration,
+        abort: &AtomicBool,
+    ) -> Result<Self, CollectiveError> {
+        let aborted = || {
+            abort.load(Ordering::Relaxed).then(|| {
+                CollectiveError::Aborted(format!(
+                    "generation {generation} was dissolved while rank {rank} formed the ring"
+                ))
+            })
+        };
         let world = peers.len();
         if rank >= world {
             return Err(CollectiveError::InvalidArgument(format!(
@@ -631,6 +660,9 @@ impl RingCollective {
                 Err(e) => {
                     if Instant::now() + Duration::from_millis(20) >= deadline {
                         return Err(connect_err(e));
+                    }
+                    if let Some(e) = aborted() {
+                        return Err(e);
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -728,6 +760,9 @@ impl RingCollective {
             }
             if prev.is_some() && got == REPLY_LEN {
                 break;
+            }
+            if let Some(e) = aborted() {
+                return Err(e);
             }
             if Instant::now() >= deadline {
                 let waiting = match (prev.is_none(), got < REPLY_LEN) {

@@ -326,16 +326,30 @@ impl Job {
     }
 
     pub fn heartbeat(&mut self, r: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, Status> {
-        let current = self.world.as_ref().map(|w| w.generation);
         let over = self.is_over();
         let w = self.worker(&r.worker_id)?;
         w.last_heartbeat = Instant::now();
         // A worker that says it is leaving (SIGTERM) is not given work or a place in a world again.
-        if r.state == "exited" {
+        let leaving = r.state == "exited" && !w.exited;
+        if leaving {
             w.exited = true;
         }
         w.state = r.state;
         w.step = r.step;
+        // A member of the current world leaving before it finished there (SIGTERM while its task was on the
+        // way): the others would wait for it at the ring handshake until the collective timeout. Dissolve the
+        // world now; their heartbeats then tell them to stop waiting.
+        let id = r.worker_id.clone();
+        if leaving
+            && self
+                .world
+                .as_ref()
+                .is_some_and(|wd| wd.members.contains(&id) && !wd.finished.contains(&id))
+        {
+            self.break_world(format!("{id} left (SIGTERM)"));
+        }
+        let current = self.world.as_ref().map(|w| w.generation);
+        let w = self.worker(&id)?;
         // A member of a world that no longer exists must stop what it is doing.
         let abort = w.generation.is_some() && w.generation != current || over;
         let rank0 = current.is_some()

@@ -8,8 +8,8 @@ pub mod llava;
 pub mod preset;
 pub mod weights;
 
-/// Serialises the code that draws from libtorch's process-wide generator while building models: variable
-/// creation draws its initial values there. `preset::init_model` seeds it and must see its own draws in
+/// Serialises the code that draws from libtorch's process-wide generator: variable creation (initial values)
+/// and the trainer's seeded LoRA-dropout forward. `preset::init_model` seeds it and must see its own draws in
 /// order, so a model loaded (or adapters attached) on another thread meanwhile — tests, a worker's
 /// precompute beside its trainer — cannot change which random model a seed gives.
 pub fn global_rng_lock() -> std::sync::MutexGuard<'static, ()> {

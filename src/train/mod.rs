@@ -308,7 +308,10 @@ impl Run<'_> {
             );
         }
         tracing::debug!(secs = t_fb.elapsed().as_secs_f64(), "forward and backward");
-        let Accumulated { grads, sums, .. } = acc;
+        let sums = std::mem::take(&mut acc.sums);
+        // Release `.grad`'s memory however this step ends (the update, a skipped step, an error).
+        let _release = ReleaseGrads(&acc.params);
+        let grads = acc.grads();
         let t_compute = Instant::now();
         let (sums, bad) = self.reduce_sums(&sums, if finite { 0.0 } else { 1.0 })?;
         if self.world() > 1 {
@@ -322,11 +325,15 @@ impl Run<'_> {
                 .zip(&grads)
                 .map(|((name, p), g)| match g {
                     Some(g) => g.shallow_clone(),
-                    // Made once: which parameters get no gradient does not change between steps.
-                    None => stand_ins
-                        .entry(name.clone())
-                        .or_insert_with(|| Tensor::zeros_like(p))
-                        .shallow_clone(),
+                    // Made once (which parameters get no gradient does not change between steps) and zeroed
+                    // again each step, in case ranks ever disagreed about one.
+                    None => {
+                        let mut z = stand_ins
+                            .entry(name.clone())
+                            .or_insert_with(|| Tensor::zeros_like(p))
+                            .shallow_clone();
+                        tch::no_grad(|| z.zero_())
+                    }
                 })
                 .collect();
             if self.cfg.train.zero_stage >= 2 {
@@ -344,7 +351,9 @@ impl Run<'_> {
         // ZeRO-2 frees the whole gradients here and keeps the owned slices; otherwise they live until the
         // update. Either way they are dropped when this step ends, before the next forward.
         let grads = if self.opt.is_sharded() && self.cfg.train.zero_stage >= 2 {
-            self.opt.keep_owned(grads)
+            let owned = self.opt.keep_owned(grads);
+            release_grads(&acc.params);
+            owned
         } else {
             Grads::Full(grads)
         };
@@ -457,28 +466,77 @@ pub fn terms(
     ddpo::pair_terms(&policy, &reference, batch, cfg)
 }
 
-/// What a step's micro-batches add up: gradients with respect to `params` (in tensors the trainer owns and
-/// frees, not `.grad`) and metric sums.
+/// What a step's micro-batches add up: the gradients of `params` (in their `.grad`) and metric sums.
 pub struct Accumulated {
     pub params: Vec<Tensor>,
-    /// Parallel to `params`; `None` until a micro-batch gives that parameter a gradient.
-    pub grads: Vec<Option<Tensor>>,
     pub sums: MetricSums,
 }
 
 impl Accumulated {
     pub fn new(params: Vec<Tensor>) -> Self {
         Self {
-            grads: params.iter().map(|_| None).collect(),
             params,
             sums: MetricSums::default(),
         }
     }
+
+    /// The accumulated gradients, parallel to `params` (`None`: no gradient), as handles on `.grad`.
+    pub fn grads(&self) -> Vec<Option<Tensor>> {
+        grads_of(&self.params)
+    }
 }
 
-/// Forward and backward of one micro-batch; each pair's loss enters with weight 1/`global_pairs`, and the
-/// gradients are added to `acc.grads` (an in-place add, as `.grad` accumulates), so over a step's
-/// micro-batches they sum to the gradient of the global batch's mean loss. With
+/// The parameters' gradients (handles on `.grad`; `None` where there is none or it is released).
+pub fn grads_of(params: &[Tensor]) -> Vec<Option<Tensor>> {
+    params
+        .iter()
+        .map(|p| {
+            let g = p.grad();
+            (g.defined() && g.numel() > 0).then_some(g)
+        })
+        .collect()
+}
+
+/// Gives each released gradient its shape back, zeroed, for backward to add into: call it after the forward,
+/// right before the first backward of a step.
+pub fn refill_grads(params: &[Tensor]) {
+    tch::no_grad(|| {
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() && g.numel() == 0 {
+                let _ = g.resize_as_(p).zero_();
+            }
+        }
+    });
+}
+
+/// Frees the memory of the parameters' gradients between steps, as `zero_grad(set_to_none=True)` does: tch
+/// cannot unset `.grad`, so each becomes an empty tensor (its storage released) until [`micro_step`] gives
+/// it back its shape, zeroed, right before the next backward ([`refill_grads`]). So no gradient memory exists during a step's
+/// first forward, and backward still adds each gradient into `.grad` as soon as it is ready.
+pub fn release_grads(params: &[Tensor]) {
+    tch::no_grad(|| {
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() && g.numel() > 0 {
+                let _ = g.set_();
+            }
+        }
+    });
+}
+
+/// Calls [`release_grads`] when dropped.
+struct ReleaseGrads<'a>(&'a [Tensor]);
+
+impl Drop for ReleaseGrads<'_> {
+    fn drop(&mut self) {
+        release_grads(self.0);
+    }
+}
+
+/// Forward and backward of one micro-batch; each pair's loss enters with weight 1/`global_pairs`, and
+/// backward adds the gradients into `.grad`, so over a step's micro-batches they sum to the gradient of the
+/// global batch's mean loss. With
 /// `lora_dropout_seed`, LoRA dropout is on for the policy's forward, its masks drawn from libtorch's
 /// default generator seeded with it. Returns whether the micro-batch's loss was finite.
 pub fn micro_step(
@@ -499,6 +557,9 @@ pub fn micro_step(
                     self.0.set_lora_training(false);
                 }
             }
+            // Seeding and drawing hold the global-generator lock: ranks run as threads of one process (tests)
+            // must not draw from each other's seeds, nor reseed a model initialisation.
+            let _rng = crate::model::global_rng_lock();
             tch::manual_seed(seed);
             model.set_lora_training(true);
             let _off = Off(model);
@@ -508,21 +569,9 @@ pub fn micro_step(
     };
     let loss = t.loss.sum(Kind::Float) / global_pairs;
     let finite = loss.double_value(&[]).is_finite();
-    let new = Tensor::run_backward(&[&loss], &acc.params, false, false);
-    tch::no_grad(|| {
-        for (sum, g) in acc.grads.iter_mut().zip(new) {
-            if !g.defined() {
-                continue;
-            }
-            match sum {
-                // `.grad`'s own accumulation: an in-place add.
-                Some(a) => {
-                    let _ = a.g_add_(&g);
-                }
-                None => *sum = Some(if g.is_contiguous() { g } else { g.contiguous() }),
-            }
-        }
-    });
+    // A gradient released after the last step gets its shape back, zeroed, only now: after the forward.
+    refill_grads(&acc.params);
+    loss.backward();
     acc.sums.add(&t, batch.response_tokens);
     finite
 }

@@ -67,11 +67,9 @@ pub struct AdamW {
     pub step: u64,
 }
 
-/// Gradients of the trainable variables for one update. They are the trainer's own tensors (from
-/// `Tensor::run_backward`), not `.grad`, so they can be freed: dropped after the update, as PyTorch's
-/// `zero_grad(set_to_none=True)` does, and under ZeRO-2 cut down to the owned slices right after the
-/// reduce-scatter ([`AdamW::keep_owned`]), so between the exchange and the next backward a rank holds 1/world
-/// of them.
+/// Gradients of the trainable variables for one update: handles on the whole `.grad` tensors, or under ZeRO-2
+/// copies of the owned slices taken right after the reduce-scatter ([`AdamW::keep_owned`]), after which the
+/// trainer releases the whole ones (`train::release_grads`), so until the update a rank holds 1/world of them.
 #[derive(Debug)]
 pub enum Grads {
     /// Whole gradients in the optimizer's variable order; `None` for a variable that received none.

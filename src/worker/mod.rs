@@ -311,12 +311,15 @@ pub async fn run(opts: WorkerOptions) -> Result<bool, WorkerError> {
                         let mut comm: Box<dyn Collective> = match backend.as_str() {
                             "local" => Box::new(LocalCollective),
                             "ring" => Box::new(
-                                RingCollective::connect(
+                                // The heartbeat sets `abort` when the coordinator dissolves this world
+                                // (a member left before joining): stop waiting for it then.
+                                RingCollective::connect_or_abort(
                                     this_listener,
                                     rank,
                                     &peers,
                                     generation,
                                     timeout,
+                                    &hooks_shared.abort,
                                 )
                                 .map_err(|e| e.to_string())?,
                             ),
