@@ -36,7 +36,7 @@
 //! moments, and per token the saved input of each B (rank wide) and, with dropout, each adapter's dropped
 //! input and mask.
 //!
-//! Accuracy: on CPU the plan of the `small` preset is within 5 % of the measured peak resident memory of
+//! Accuracy: on CPU the plan of the `small` preset is within 4 % of the measured peak resident memory of
 //! `ddpo train` (BENCHMARKS.md, `benches/memplan.rs`; `tests/memplan.rs` asserts 10 %). The CUDA rule and its
 //! overhead are not yet measured on a GPU.
 //!
