@@ -3,19 +3,23 @@
 # scripts/gpu-pack.sh). Everything goes through the project's own binaries, with the machine's PyTorch
 # 2.11.0 libraries (LD_LIBRARY_PATH; the rpath baked at build time points at the build machine's).
 #   1. the card (nvidia-smi);
-#   2. `ddpo train` on cuda:0, small preset, bf16 (fp32 masters) and fp32, shared and split layouts:
-#      samples/s, tokens/s (median of steps 3..) and peak GPU memory (nvidia-smi, polled);
+#   2. `ddpo train` on cuda:0, small preset, bf16 (fp32 masters) and fp32, shared and split layouts, LoRA
+#      (rank 16, dropout 0.05) in bf16, and the `1b` preset (~1.05 B parameters) in bf16:
+#      samples/s, tokens/s (median of steps 3..) and peak GPU memory (nvidia-smi, polled), next to the
+#      memory plan's total (`ddpo plan`);
 #   3. reference log-probs bf16 on the GPU vs fp32 on the CPU (`ddpo precompute` both ways, compared with
 #      pyarrow when the machine has it);
 #   4. NCCL: two workers on the one GPU (world 2), which NCCL may refuse (one rank per device): the outcome
 #      is recorded either way.
 # Env: BIN (unpacked binaries; default: unpack .gpu/*.xz), OUT (results; default /tmp/gpu-check), DEVICE
-# (default cuda:0; `cpu` runs the same steps on the CPU, to test this script), STEPS (12).
+# (default cuda:0; `cpu` runs the same steps on the CPU, to test this script), STEPS (12), ONE_B (1 on a GPU,
+# 0 on the CPU: the 1b preset's run).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/gpu-check}
 DEVICE=${DEVICE:-cuda:0}
 STEPS=${STEPS:-12}
+if [[ $DEVICE == cpu ]]; then ONE_B=${ONE_B:-0}; else ONE_B=${ONE_B:-1}; fi
 mkdir -p "$OUT"
 LOG="$OUT/gpu-check.log"
 exec > >(tee "$LOG") 2>&1
@@ -39,10 +43,10 @@ trap 'pkill -P $$ 2>/dev/null; rm -rf "$W"' EXIT
 "$BIN/ddpo" init-model --out "$W/model" --preset small > /dev/null || { say "init-model failed"; exit 1; }
 "$BIN/ddpo" synth --out "$W/data" --pairs 64 --shards 2 --seed 1 --image-size 336 > /dev/null || exit 1
 
-job() { # name dtype shared_prefix world cache
+job() { # name dtype shared_prefix world cache [model folder] [extra lines]
     cat > "$W/$1.toml" <<TOML
 [model]
-path = "$W/model"
+path = "$W/${6:-model}"
 dtype = "$2"
 [reference]
 cache_dir = "$W/$5"
@@ -63,6 +67,7 @@ world_size = $4
 backend = "auto"
 listen = "127.0.0.1:0"
 collective_timeout_secs = 120
+${7:-}
 TOML
 }
 
@@ -92,10 +97,21 @@ print(f'{statistics.median(r["samples_per_sec"] for r in rows):.2f} {statistics.
 PY
 }
 
+runs=(bf16-shared:bf16:true:model fp32-shared:fp32:true:model bf16-split:bf16:false:model
+    lora-bf16:bf16:true:model)
+if [[ $ONE_B == 1 ]]; then
+    say "init-model 1b"
+    "$BIN/ddpo" init-model --out "$W/model1b" --preset 1b > /dev/null || say "init-model 1b failed"
+    runs+=(1b-bf16-shared:bf16:true:model1b)
+fi
 echo "{" > "$OUT/gpu-check.json"
-for run in bf16-shared:bf16:true fp32-shared:fp32:true bf16-split:bf16:false; do
-    IFS=: read -r name dtype shared <<< "$run"
-    job "$name" "$dtype" "$shared" 1 "cache-$dtype"
+for run in "${runs[@]}"; do
+    IFS=: read -r name dtype shared model <<< "$run"
+    extra=""
+    [[ $name == lora-* ]] && extra=$'[lora]\nrank = 16\nalpha = 32\ndropout = 0.05'
+    job "$name" "$dtype" "$shared" 1 "cache-$dtype-$model" "$model" "$extra"
+    plan=$("$BIN/ddpo" plan --config "$W/$name.toml" --device "${DEVICE%%:*}" 2>&1 | grep -E '^ +total' | head -n 1)
+    say "$name plan:$plan"
     say "train $name on $DEVICE ($STEPS steps)"
     if with_peak timeout 300 "$BIN/ddpo" train --config "$W/$name.toml" --device "$DEVICE" --max-steps "$STEPS" \
         > "$W/$name.log" 2>&1; then
@@ -110,7 +126,7 @@ done
 say "reference log-probs: fp32 on the CPU vs bf16 on $DEVICE"
 job cpu-ref fp32 true 1 cache-cpu
 if timeout 300 "$BIN/ddpo" precompute --config "$W/cpu-ref.toml" --device cpu > "$W/cpu-ref.log" 2>&1; then
-    python3 - "$W/cache-cpu" "$W/cache-bf16" <<'PY' || true
+    python3 - "$W/cache-cpu" "$W/cache-bf16-model" <<'PY' || true
 import glob, sys
 try:
     import pyarrow.parquet as pq
@@ -135,7 +151,7 @@ else
 fi
 
 say "NCCL: 2 workers on one GPU (world 2)"
-job nccl2 bf16 true 2 cache-bf16
+job nccl2 bf16 true 2 cache-bf16-model
 timeout 300 "$BIN/coordinator" --config "$W/nccl2.toml" --local-workers 2 --local-device "$DEVICE" \
     --linger-secs 0 > "$W/nccl2.log" 2>&1
 rc=$?

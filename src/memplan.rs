@@ -1386,12 +1386,12 @@ pub fn run_measuring_peak_rss(cmd: &mut std::process::Command) -> std::io::Resul
     Ok((ok, usage.ru_maxrss as u64 * 1024))
 }
 
-/// Model architectures by name for planning: the built-in presets `tiny` and `small` (as `ddpo init-model`
+/// Model architectures by name for planning: the built-in presets `tiny`, `small` and `1b` (as `ddpo init-model`
 /// writes them, vocabulary from the built-in tokenizer) and LLaVA-1.5 at 7B and 13B — config only, for
 /// planning (`init-model` does not offer them).
 pub fn architecture(name: &str) -> Option<LlavaConfig> {
     match name {
-        "tiny" | "small" => crate::model::preset::preset_config(name)
+        "tiny" | "small" | "1b" => crate::model::preset::preset_config(name)
             .ok()
             .map(|(c, _)| c),
         "llava-1.5-7b" => Some(llava15(4096, 32, 32, 11008)),

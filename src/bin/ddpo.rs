@@ -59,7 +59,8 @@ enum Cmd {
     InitModel {
         #[arg(long)]
         out: PathBuf,
-        /// `tiny` (tests, seconds on CPU) or `small` (benchmarks, LLaVA-1.5 scaled down).
+        /// `tiny` (tests, seconds on CPU), `small` (benchmarks, LLaVA-1.5 scaled down) or `1b` (~1.05 B
+        /// parameters, for GPU checks).
         #[arg(long, default_value = "tiny")]
         preset: String,
         #[arg(long, default_value_t = 0)]
@@ -115,7 +116,7 @@ enum Cmd {
         /// Job config: model (its config.json only), data.max_length, train.*, reference.mode, world size.
         #[arg(long, required_unless_present = "preset", conflicts_with = "preset")]
         config: Option<PathBuf>,
-        /// tiny, small, llava-1.5-7b, llava-1.5-13b (comma-separated for a table).
+        /// tiny, small, 1b, llava-1.5-7b, llava-1.5-13b (comma-separated for a table).
         #[arg(long)]
         preset: Option<String>,
         /// Data-parallel ranks (default: cluster.world_size, or 1).

@@ -326,6 +326,42 @@ impl LlavaConfig {
                     hidden_act: "quick_gelu".into(),
                 },
             ),
+            // ~1.05 B parameters (decoder 0.95 B, a CLIP ViT-B/14-sized tower at 336 px): the GPU checks'
+            // mid-size model, large enough for bf16 kernels and memory to matter, small enough to train on one
+            // card without sharding.
+            "1b" => (
+                TextConfig {
+                    model_type: "llama".into(),
+                    vocab_size: 32000,
+                    hidden_size: 2048,
+                    intermediate_size: 5632,
+                    num_hidden_layers: 16,
+                    num_attention_heads: 16,
+                    num_key_value_heads: Some(16),
+                    rms_norm_eps: 1e-5,
+                    rope_theta: Some(10000.0),
+                    rope_parameters: None,
+                    max_position_embeddings: 4096,
+                    rope_scaling: None,
+                    attention_bias: false,
+                    mlp_bias: false,
+                    hidden_act: "silu".into(),
+                    tie_word_embeddings: false,
+                    head_dim: None,
+                },
+                VisionConfig {
+                    model_type: "clip_vision_model".into(),
+                    hidden_size: 768,
+                    intermediate_size: 3072,
+                    num_hidden_layers: 12,
+                    num_attention_heads: 12,
+                    image_size: 336,
+                    patch_size: 14,
+                    num_channels: 3,
+                    layer_norm_eps: 1e-5,
+                    hidden_act: "quick_gelu".into(),
+                },
+            ),
             _ => return None,
         };
         Some(Self {

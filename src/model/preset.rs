@@ -16,7 +16,7 @@ use crate::data::tokenizer::{llama_style_tokenizer_json, tokenizer_config_json, 
 
 #[derive(Debug, thiserror::Error)]
 pub enum PresetError {
-    #[error("unknown preset {0:?}; known: tiny, small")]
+    #[error("unknown preset {0:?}; known: tiny, small, 1b")]
     Unknown(String),
     #[error("{0}")]
     Model(String),
