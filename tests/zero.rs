@@ -366,3 +366,35 @@ fn bf16_weights_follow_fp32_masters_under_zero2() {
         "{finer} of {masters} masters finer than bf16"
     );
 }
+
+/// LoRA composes with data parallelism and ZeRO-2: two ranks training adapters (dropout on) under ZeRO-2 end
+/// with the adapters of plain two-rank data parallelism, bit for bit, and the base weights untouched.
+#[test]
+fn lora_under_zero2_equals_plain_data_parallel_lora() {
+    let _serial = serial();
+    let job = Job::new();
+    let lora = "[lora]\nrank = 4\nalpha = 8\ndropout = 0.1";
+    let plain = run(&job.config_with("lora-plain", 2, 0, lora), 2, None);
+    let zero = run(&job.config_with("lora-zero2", 2, 2, lora), 2, None);
+    assert_eq!(plain[0].steps, 8);
+    let file = "adapter_model.safetensors";
+    let (a, b) = (
+        plain[0].last_checkpoint.clone().unwrap(),
+        zero[0].last_checkpoint.clone().unwrap(),
+    );
+    let (worst, largest) = max_diff(&a.join(file), &b.join(file));
+    eprintln!("LoRA world 2, ZeRO-2 vs plain: adapters max diff {worst:e} (largest {largest:e})");
+    assert!(largest > 1e-3, "nothing to compare");
+    assert_eq!(
+        worst, 0.0,
+        "ZeRO-2 adapters differ from plain DP by {worst}"
+    );
+    // The adapters' optimizer state is what ZeRO shards: the ranks' shares add up to one plain rank's.
+    let shares: usize = zero.iter().map(|r| r.optimizer_state_bytes).sum();
+    assert_eq!(shares, plain[0].optimizer_state_bytes);
+    let (base, _) = max_diff(
+        &job.root.join("model/model.safetensors"),
+        &b.join("model.safetensors"),
+    );
+    assert_eq!(base, 0.0, "the frozen base moved");
+}
