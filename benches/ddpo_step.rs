@@ -21,7 +21,13 @@
 //! Finally a `ddpo train` run on synthetic data (`ddpo synth`, 336 px) reports the share of step time spent
 //! waiting for data (`data_wait_share` in its metrics.jsonl).
 //!
-//! Env: PAIRS (2), PROMPT (40), RESPONSE (100), ITERS (4), ROUNDS (2), THREADS (2), SEED (0).
+//! On a GPU (`DEVICE=cuda`): ddpo's layouts in bf16 (weights bf16, fp32 masters and moments, as `ddpo train`
+//! runs there), the baseline with `--device cuda --bf16` (bf16 autocast over fp32 weights, Hugging Face
+//! Trainer's `bf16=True`), memory as nvidia-smi's peak `memory.used` of the card while each child runs, and the
+//! matmul peak in bf16 at 8192³. `PYTHON_BASELINE=0` leaves the baseline out (a machine without transformers).
+//!
+//! Env: PAIRS (2), PROMPT (40), RESPONSE (100), ITERS (4), ROUNDS (2), THREADS (2), SEED (0), DEVICE (cpu),
+//! PYTHON_BASELINE (1).
 mod common;
 use common::{env, median};
 
@@ -39,6 +45,27 @@ use ddpo::train::optim::{AdamW, AdamWConfig, Grads};
 use tch::{Device, Kind, Tensor};
 
 const LR: f64 = 5e-7;
+
+/// `DEVICE`: where the measured steps run, and the weight dtype there (bf16 on CUDA, fp32 on the CPU).
+fn bench_device() -> (Device, Kind) {
+    match std::env::var("DEVICE").as_deref() {
+        Ok("cuda") => (Device::Cuda(0), Kind::BFloat16),
+        Ok(s) if s.starts_with("cuda:") => (
+            Device::Cuda(s[5..].parse().expect("DEVICE=cuda:N")),
+            Kind::BFloat16,
+        ),
+        Ok("cpu") | Err(_) => (Device::Cpu, Kind::Float),
+        Ok(other) => panic!("DEVICE={other:?}: expected cpu, cuda or cuda:N"),
+    }
+}
+
+/// Seconds since `t`, after the device's queued work finished (CUDA runs asynchronously).
+fn elapsed(t: Instant, device: Device) -> f64 {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    t.elapsed().as_secs_f64()
+}
 const MAX_GRAD_NORM: f64 = 1.0;
 
 /// Peak resident memory of this process (VmHWM) in MiB.
@@ -161,7 +188,8 @@ fn child(model_dir: &Path, layout: &str) {
     let iters = env("ITERS", 4);
     let (_, exs, hw) = inputs(model_dir);
     // A fresh model: the reference forward above must not count as this model's history.
-    let (vs, model) = Llava::load(model_dir, Device::Cpu, Kind::Float).unwrap();
+    let (device, kind) = bench_device();
+    let (vs, model) = Llava::load(model_dir, device, kind).unwrap();
     let params = vs.variables().into_iter().collect();
     let mut opt = AdamW::new(
         params,
@@ -174,7 +202,7 @@ fn child(model_dir: &Path, layout: &str) {
     );
     let params: Vec<Tensor> = opt.params().map(|(_, p)| p.shallow_clone()).collect();
     let cfg = DdpoConfig::default();
-    let batch: Batch = collate(&exs, 0, hw, shared);
+    let batch: Batch = collate(&exs, 0, hw, shared).to_device(device);
     let tokens: i64 = batch.attention_mask.sum(Kind::Int64).int64_value(&[]);
     let (mut times, mut losses, mut phases) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..=iters {
@@ -189,23 +217,23 @@ fn child(model_dir: &Path, layout: &str) {
         } else {
             ddpo::train::terms(&model, None, &batch, &cfg)
         };
-        let t_fwd = t.elapsed().as_secs_f64();
+        let t_fwd = elapsed(t, device);
         let loss = terms.loss.sum(Kind::Float) / batch.pairs as f64;
         assert!(loss.double_value(&[]).is_finite());
         ddpo::train::refill_grads(&params);
         loss.backward();
         let grads = Grads::Full(ddpo::train::grads_of(&params));
         sums.add(&terms, batch.response_tokens);
-        let t_bwd = t.elapsed().as_secs_f64() - t_fwd;
+        let t_bwd = elapsed(t, device) - t_fwd;
         let norm = opt.grad_norm(&grads);
         if norm > MAX_GRAD_NORM {
             opt.scale_grads(&grads, MAX_GRAD_NORM / (norm + 1e-6));
         }
-        let t_norm = t.elapsed().as_secs_f64() - t_fwd - t_bwd;
+        let t_norm = elapsed(t, device) - t_fwd - t_bwd;
         opt.update(LR, &grads);
         drop(grads);
         ddpo::train::release_grads(&params);
-        times.push(t.elapsed().as_secs_f64());
+        times.push(elapsed(t, device));
         phases.push([
             t_fwd,
             t_bwd,
@@ -248,7 +276,46 @@ fn write_inputs(exs: &[Example], hw: (usize, usize), path: &Path) {
     Tensor::write_safetensors(&named, path).unwrap();
 }
 
+/// Runs a child to completion and returns its last JSON line; on CUDA with `peak_gpu_mib` added: the peak of
+/// nvidia-smi's `memory.used` on the card while it ran (polled every 100 ms; the child runs alone).
 fn run_json(cmd: &mut Command) -> serde_json::Value {
+    let (device, _) = bench_device();
+    let Device::Cuda(index) = device else {
+        return run_json_plain(cmd);
+    };
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (mut v, peak) = std::thread::scope(|s| {
+        let poll = s.spawn(|| {
+            let mut peak = 0f64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let used = Command::new("nvidia-smi")
+                    .args([
+                        "--query-gpu=memory.used",
+                        "--format=csv,noheader,nounits",
+                        &format!("--id={index}"),
+                    ])
+                    .output()
+                    .ok()
+                    .and_then(|o| {
+                        String::from_utf8_lossy(&o.stdout)
+                            .trim()
+                            .parse::<f64>()
+                            .ok()
+                    });
+                peak = peak.max(used.unwrap_or(0.0));
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            peak
+        });
+        let v = run_json_plain(cmd);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (v, poll.join().unwrap())
+    });
+    v["peak_gpu_mib"] = peak.into();
+    v
+}
+
+fn run_json_plain(cmd: &mut Command) -> serde_json::Value {
     let out = cmd.output().expect("start a benchmark child");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -326,7 +393,7 @@ fn train_child(config: &Path) {
     tch::set_num_threads(env("THREADS", 2) as i32);
     let cfg = ddpo::config::Config::load_with_env(config, &[]).unwrap_or_else(|e| panic!("{e}"));
     let opts = ddpo::train::TrainOptions {
-        device: Device::Cpu,
+        device: bench_device().0,
         max_steps: None,
         progress_bar: false,
     };
@@ -362,8 +429,22 @@ fn main() {
     let batch_file = root.join("batch.safetensors");
     write_inputs(&exs, hw, &batch_file);
     let me = std::env::current_exe().unwrap();
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/ddpo_step_transformers.py");
+    // The checkout's script (a binary carried to another machine runs from its checkout's root).
+    let script = [
+        PathBuf::from("benches/ddpo_step_transformers.py"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/ddpo_step_transformers.py"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("benches/ddpo_step_transformers.py");
+    let (device, _) = bench_device();
+    let device_arg = std::env::var("DEVICE").unwrap_or_else(|_| "cpu".into());
+    let gpu_args: Vec<&str> = if device.is_cuda() {
+        vec!["--device", &device_arg, "--bf16"]
+    } else {
+        vec![]
+    };
+    let with_python = env("PYTHON_BASELINE", 1) == 1;
 
     let mut results: Vec<(String, Vec<serde_json::Value>)> = [
         "python",
@@ -395,7 +476,10 @@ fn main() {
                 "--max-grad-norm",
                 &MAX_GRAD_NORM.to_string(),
             ]);
-        results[0].1.push(run_json(&mut py));
+        py.args(&gpu_args);
+        if with_python {
+            results[0].1.push(run_json(&mut py));
+        }
         for (i, layout) in [(1, "split"), (2, "shared"), (3, "unshared")] {
             let mut c = Command::new(&me);
             c.env("DDPO_STEP_CHILD", layout)
@@ -404,10 +488,11 @@ fn main() {
             results[i].1.push(run_json(&mut c));
         }
     }
-    let peak = run_json(
+    let peak = run_json_plain(
         Command::new(python())
             .arg(&script)
             .args(["--matmul-peak", "--threads", &threads.to_string()])
+            .args(&gpu_args)
             .arg("--model")
             .arg(&model_dir),
     );
@@ -418,8 +503,24 @@ fn main() {
         .iter()
         .map(|e| 2 * e.prompt_ids.len() + e.chosen_ids.len() + e.rejected_ids.len())
         .collect();
+    let (where_, mem_col, mem_key) = if device.is_cuda() {
+        (
+            format!(
+                "bf16 on {device_arg} ({})",
+                peak["gpu"].as_str().unwrap_or("GPU")
+            ),
+            "peak GPU MiB (nvidia-smi, card)",
+            "peak_gpu_mib",
+        )
+    } else {
+        (
+            format!("fp32 CPU, {threads} threads"),
+            "peak RSS MiB",
+            "peak_rss_mib",
+        )
+    };
     println!(
-        "DDPO training step, `small` preset (LLaVA-1.5 shape scaled down), fp32 CPU, {threads} threads, \
+        "DDPO training step, `small` preset (LLaVA-1.5 shape scaled down), {where_}, \
          {} pairs/step, prompts {} tokens incl. {n_image} image tokens, answers {}–{} tokens; \
          median of {iters} steps after a warm-up, {rounds} interleaved rounds",
         exs.len(),
@@ -430,60 +531,82 @@ fn main() {
     println!("split-layout tokens per pair: {tokens:?}");
     println!();
     println!(
-        "| implementation | step s (median of rounds) | pairs/s | peak RSS MiB | first-step loss |"
+        "| implementation | step s (median of rounds) | pairs/s | {mem_col} | first-step loss |"
     );
     println!("|---|---|---|---|---|");
-    let mut med = Vec::new();
+    // (median step s, peak memory MiB, first-step loss) per implementation; None when it did not run.
+    let mut med: Vec<Option<(f64, f64, f64)>> = Vec::new();
     for (name, rs) in &results {
+        if rs.is_empty() {
+            println!("| {name} | not run | | | |");
+            med.push(None);
+            continue;
+        }
         let m = median(rs.iter().map(|r| r["median_s"].as_f64().unwrap()).collect());
-        let rss = rs
+        let mem = rs
             .iter()
-            .map(|r| r["peak_rss_mib"].as_f64().unwrap())
+            .map(|r| r[mem_key].as_f64().unwrap_or(f64::NAN))
             .fold(0.0, f64::max);
         let loss = rs[0]["losses"][0].as_f64().unwrap();
         println!(
-            "| {name} | {m:.3} | {:.3} | {rss:.0} | {loss:.6} |",
+            "| {name} | {m:.3} | {:.3} | {mem:.0} | {loss:.6} |",
             exs.len() as f64 / m
         );
-        med.push((m, rss, loss));
+        med.push(Some((m, mem, loss)));
     }
     println!();
+    let (split, shared, unshared) = (med[1].unwrap(), med[2].unwrap(), med[3].unwrap());
     println!(
         "shared-prefix step vs split step: {:.2}x faster (target >= 1.5x); vs the unshared step with each \
          image encoded per row (RLHF-V's layout): {:.2}x",
-        med[1].0 / med[2].0,
-        med[3].0 / med[2].0
+        split.0 / shared.0,
+        unshared.0 / shared.0
     );
-    println!(
-        "ddpo (shared) vs the Python baseline: {:.2}x the throughput (target >= 2.5x); peak RSS {:.0} vs {:.0} MiB",
-        med[0].0 / med[2].0,
-        med[2].1,
-        med[0].1
-    );
-    println!(
-        "first-step loss: python {:.6}, split {:.6}, shared {:.6}, unshared {:.6} (max diff {:.1e})",
-        med[0].2,
-        med[1].2,
-        med[2].2,
-        med[3].2,
-        med[1..]
-            .iter()
-            .map(|m| (m.2 - med[0].2).abs())
-            .fold(0.0, f64::max)
-    );
-    let flops = results[0].1[0]["flops_per_pair"]["step"].as_f64();
-    let minimal = results[0].1[0]["minimal_flops_per_pair"]["step"].as_f64();
-    let gflops = peak["gflops"]["2048x2048x2048"]["median_gflops"].as_f64();
+    match med[0] {
+        Some(py) => {
+            println!(
+                "ddpo (shared) vs the Python baseline: {:.2}x the throughput (target >= 2.5x); peak memory {:.0} vs {:.0} MiB",
+                py.0 / shared.0,
+                shared.1,
+                py.1
+            );
+            println!(
+                "first-step loss: python {:.6}, split {:.6}, shared {:.6}, unshared {:.6} (max diff {:.1e})",
+                py.2,
+                split.2,
+                shared.2,
+                unshared.2,
+                [split, shared, unshared]
+                    .iter()
+                    .map(|m| (m.2 - py.2).abs())
+                    .fold(0.0, f64::max)
+            );
+        }
+        None => println!("the Python baseline was not run (PYTHON_BASELINE=0)"),
+    }
+    let flops = results[0]
+        .1
+        .first()
+        .and_then(|r| r["flops_per_pair"]["step"].as_f64());
+    let minimal = results[0]
+        .1
+        .first()
+        .and_then(|r| r["minimal_flops_per_pair"]["step"].as_f64());
+    let gflops = peak["peak"]["median_gflops"].as_f64();
+    let peak_shape = peak["peak"]["shape"].as_str().unwrap_or("?");
     if let (Some(f), Some(m), Some(p)) = (flops, minimal, gflops) {
         println!(
             "model FLOPs per pair and step (forward + backward = 3 x forward, counted by the Python script): \
              {:.1} GFLOP as the baseline computes (LM head everywhere, images twice), {:.1} GFLOP at least \
-             (each image once, LM head at response positions); matmul peak {p:.0} GFLOP/s (torch.mm 2048^3, median)",
+             (each image once, LM head at response positions); matmul peak {p:.0} GFLOP/s (torch.mm {peak_shape}, median)",
             f / 1e9,
             m / 1e9
         );
         for (i, (name, _)) in results.iter().enumerate() {
-            let pairs_s = exs.len() as f64 / med[i].0;
+            let Some((step_s, _, _)) = med[i] else {
+                continue;
+            };
+            let pairs_s = exs.len() as f64 / step_s;
             println!(
                 "  {name}: baseline-equivalent {:.0} GFLOP/s = {:.0} % of peak; minimal-work {:.0} GFLOP/s = {:.0} % of peak",
                 pairs_s * f / 1e9,
@@ -493,10 +616,7 @@ fn main() {
             );
         }
     } else {
-        println!(
-            "(no FLOP count: python JSON {}; peak JSON {peak})",
-            results[0].1[0]
-        );
+        println!("(no FLOP count without the Python baseline's JSON; matmul peak JSON {peak})");
     }
     println!(
         "data wait (`ddpo train`, synthetic 336 px pairs, batch 4, micro-batch 2): median {:.2} % of a {:.2} s step (target < 2 %)",

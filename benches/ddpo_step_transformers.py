@@ -1,13 +1,16 @@
 """Baseline for ddpo's training step: one DDPO step written the way the RLHF-V code does it, with transformers'
-LlavaForConditionalGeneration (fp32, CPU, every parameter trained, torch.optim.AdamW). Prints one JSON line.
+LlavaForConditionalGeneration (fp32, CPU, every parameter trained, torch.optim.AdamW; or on a GPU with
+`--device cuda --bf16`: fp32 weights and optimizer under bf16 autocast, Hugging Face Trainer's `bf16=True`).
+Prints one JSON line.
 
 usage:
   ddpo_step_transformers.py --model DIR --inputs BATCH.safetensors [--iters 5] [--threads 2]
                             [--beta 0.5] [--gamma 5] [--score mean|sum] [--lr 5e-7] [--weight-decay 0]
                             [--max-grad-norm 1.0] [--model-labels] [--gradient-checkpointing]
+                            [--device cpu|cuda] [--bf16]
   ddpo_step_transformers.py --model DIR --synthetic [--pairs 2] [--prompt 40] [--response 100]
                             [--rejected-shorter 10] [--seed 0] [--save-inputs BATCH.safetensors] [same options]
-  ddpo_step_transformers.py --matmul-peak [--threads 2] [--model DIR]
+  ddpo_step_transformers.py --matmul-peak [--threads 2] [--model DIR] [--device cpu|cuda] [--bf16]
 
 What is followed from RLHF-V's released code (github.com/thunlp/Muffin, commit 85d72b4):
 - muffin/train/trainers.py `MuffinDPOTrainer.compute_loss`: chosen and rejected rows concatenated along the batch
@@ -130,23 +133,30 @@ def cpu_model():
     return None
 
 
-def matmul_peak(threads, shapes, reps=10, min_s=1.0):
-    """fp32 torch.mm GFLOP/s per (m, k, n): best and median over >= `reps` calls and >= `min_s` seconds, after 2
-    warm-ups, into a preallocated out (no allocation in the timed call)."""
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(threads, shapes, reps=10, min_s=1.0, device=torch.device("cpu"), dtype=torch.float32):
+    """torch.mm GFLOP/s per (m, k, n) in `dtype` on `device`: best and median over >= `reps` calls and >= `min_s`
+    seconds, after 2 warm-ups, into a preallocated out (no allocation in the timed call)."""
     torch.set_num_threads(threads)
     res = {}
     for m, k, n in shapes:
-        a = torch.randn(m, k)
-        b = torch.randn(k, n)
-        c = torch.empty(m, n)
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        c = torch.empty(m, n, device=device, dtype=dtype)
         for _ in range(2):
             torch.mm(a, b, out=c)
+        sync(device)
         ts = []
         busy0, own0 = cpu_busy_s(), own_cpu_s()
         start = time.perf_counter()
         while len(ts) < reps or time.perf_counter() - start < min_s:
             t = time.perf_counter()
             torch.mm(a, b, out=c)
+            sync(device)
             ts.append(time.perf_counter() - t)
         wall = time.perf_counter() - start
         foreign = None if busy0 is None else max(0.0, (cpu_busy_s() - busy0 - (own_cpu_s() - own0)) / wall)
@@ -318,8 +328,11 @@ def main():
     ap.add_argument("--model-labels", action="store_true",
                     help="pass labels= to the model as Muffin does (an extra, discarded CE loss)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 weights (HF Trainer bf16=True)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
 
     if a.matmul_peak:
         # 2048^3: the machine's peak. The model's shapes (small preset, 2 pairs): 2868 = 4 rows x 717 tokens through
@@ -327,8 +340,17 @@ def main():
         # 4 images x 577 tokens through the vision tower's 256-wide linears.
         shapes = [(2048, 2048, 2048), (2868, 512, 512), (2868, 512, 1376), (2868, 1376, 512),
                   (2868, 512, 32000), (2308, 256, 256), (2308, 256, 1024)]
+        # A GPU needs a larger product to reach its peak.
+        peak_shape = (8192, 8192, 8192) if device.type == "cuda" else (2048, 2048, 2048)
+        if peak_shape not in shapes:
+            shapes.insert(0, peak_shape)
+        dtype = torch.bfloat16 if a.bf16 else torch.float32
+        g = matmul_peak(a.threads, shapes, device=device, dtype=dtype)
+        key = "x".join(map(str, peak_shape))
         out = {"mode": "matmul_peak", "torch": torch.__version__, "threads": a.threads, "cpu": cpu_model(),
-               "load_avg": load_avg(), "gflops": matmul_peak(a.threads, shapes)}
+               "device": str(device), "dtype": str(dtype),
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               "load_avg": load_avg(), "gflops": g, "peak": dict(shape=key, **g[key])}
         print(json.dumps(out))
         return
 
@@ -353,6 +375,8 @@ def main():
     score = a.score or meta.get("score", "mean")
     use_average = score == "mean"
 
+    model.to(device)
+    x = {k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()}
     ids = x["input_ids"].long()
     mask = x["attention_mask"].long()
     labels = x["labels"].long()
@@ -373,7 +397,7 @@ def main():
             lg = model(input_ids=ids, attention_mask=mask, pixel_values=torch.cat([px, px], 0)).logits
             lp = get_batch_logps(lg, labels) * (labels[:, 1:] != -100)
             del lg
-        x["ref_logps"] = torch.cat([torch.zeros(rows, 1), lp], 1).contiguous()
+        x["ref_logps"] = torch.cat([torch.zeros(rows, 1, device=device), lp], 1).contiguous()
 
     ref_check = None
     if "ref_logps" in x:
@@ -390,7 +414,7 @@ def main():
     if a.save_inputs:
         x["ref_chosen_logp"] = ref_win_logp.contiguous()
         x["ref_rejected_logp"] = ref_rej_logp.contiguous()
-        save_file({k: v.contiguous() for k, v in x.items()}, a.save_inputs,
+        save_file({k: v.cpu().contiguous() for k, v in x.items()}, a.save_inputs,
                   metadata={"beta": str(beta), "gamma": str(gamma), "score": score})
 
     rss_loaded = peak_rss_mib()
@@ -403,35 +427,42 @@ def main():
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=a.weight_decay)
     sft_weight = float(os.environ.get("SFT_weight", 0.0))
 
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16)
+
+    def now():
+        sync(device)
+        return time.perf_counter()
+
     def step():
         ph = {}
         busy0, own0 = cpu_busy_s(), own_cpu_s()
-        t0 = time.perf_counter()
-        # MuffinDPOTrainer.compute_loss: images duplicated, one forward over [chosen; rejected].
-        concatenated_images = torch.cat([px, px], dim=0)
-        out = model(input_ids=ids, attention_mask=mask, pixel_values=concatenated_images,
-                    labels=labels if a.model_labels else None)
-        t1 = time.perf_counter()
-        ph["forward"] = t1 - t0
-        concatenated_logp = get_batch_logps(out.logits, labels)  # forward_DPO(token_weighted=True)
-        concatenated_logp = compute_weighted_logp(concatenated_logp, labels, concatenated_token_weight,
-                                                  use_average)
-        policy_win_logp, policy_rej_logp = concatenated_logp.split([b, b])
-        losses, chosen_rewards, rejected_rewards = dpo_loss(policy_win_logp, policy_rej_logp,
-                                                            ref_win_logp, ref_rej_logp, beta)
-        loss = losses.mean() - sft_weight * policy_win_logp.mean()
-        t2 = time.perf_counter()
+        t0 = now()
+        with autocast:
+            # MuffinDPOTrainer.compute_loss: images duplicated, one forward over [chosen; rejected].
+            concatenated_images = torch.cat([px, px], dim=0)
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=concatenated_images,
+                        labels=labels if a.model_labels else None)
+            t1 = now()
+            ph["forward"] = t1 - t0
+            concatenated_logp = get_batch_logps(out.logits, labels)  # forward_DPO(token_weighted=True)
+            concatenated_logp = compute_weighted_logp(concatenated_logp, labels, concatenated_token_weight,
+                                                      use_average)
+            policy_win_logp, policy_rej_logp = concatenated_logp.split([b, b])
+            losses, chosen_rewards, rejected_rewards = dpo_loss(policy_win_logp, policy_rej_logp,
+                                                                ref_win_logp, ref_rej_logp, beta)
+            loss = losses.mean() - sft_weight * policy_win_logp.mean()
+        t2 = now()
         ph["logps_loss"] = t2 - t1
         loss.backward()
         del out
-        t3 = time.perf_counter()
+        t3 = now()
         ph["backward"] = t3 - t2
         grad_norm = torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
-        t4 = time.perf_counter()
+        t4 = now()
         opt.step()
-        t5 = time.perf_counter()
+        t5 = now()
         opt.zero_grad(set_to_none=True)
-        t6 = time.perf_counter()
+        t6 = now()
         ph["clip"] = t4 - t3
         ph["adamw"] = t5 - t4
         ph["zero_grad"] = t6 - t5
@@ -486,6 +517,8 @@ def main():
         "losses": [m["loss"] for m in metrics], "step1_loss_minus_ln2": metrics[0]["loss"] - math.log(2.0),
         "metrics": metrics, "ref_scalar_vs_per_token_max_abs_diff": ref_check,
         "peak_rss_mib": peak_rss_mib(), "peak_rss_before_steps_mib": rss_loaded,
+        "device": str(device), "bf16_autocast": a.bf16,
+        "peak_gpu_alloc_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "flops_per_pair": {k: v / b for k, v in flops.items()},
         "minimal_flops_per_pair": {k: v / b for k, v in minimal.items()},
         "achieved_gflops": flops["step"] / med / 1e9,

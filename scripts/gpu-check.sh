@@ -10,7 +10,10 @@
 #   3. reference log-probs bf16 on the GPU vs fp32 on the CPU (`ddpo precompute` both ways, compared with
 #      pyarrow when the machine has it);
 #   4. NCCL: two workers on the one GPU (world 2), which NCCL may refuse (one rank per device): the outcome
-#      is recorded either way.
+#      is recorded either way;
+#   5. `make bench-step` on the GPU (the packed `ddpo_step` benchmark): ddpo's shared, split and unshared
+#      layouts in bf16 side by side, and the Python baseline under bf16 autocast when the machine has
+#      transformers; peak memory from nvidia-smi, model FLOPs utilisation against a bf16 matmul peak.
 # Env: BIN (unpacked binaries; default: unpack .gpu/*.xz), OUT (results; default /tmp/gpu-check), DEVICE
 # (default cuda:0; `cpu` runs the same steps on the CPU, to test this script), STEPS (12), ONE_B (1 on a GPU,
 # 0 on the CPU: the 1b preset's run).
@@ -161,6 +164,18 @@ if [[ $rc -eq 0 ]]; then
     echo "\"nccl2\": {\"pairs_per_s\": $sps, \"tokens_per_s\": $tps}," >> "$OUT/gpu-check.json"
 else
     say "NCCL world 2 on one GPU: exit $rc; the log's last lines:"; tail -n 15 "$W/nccl2.log"
+fi
+if [[ -x $BIN/ddpo_step ]]; then
+    pyb=0
+    python3 -c 'import transformers' 2> /dev/null && pyb=1
+    say "bench-step on $DEVICE (Python baseline: $([[ $pyb == 1 ]] && echo yes || echo 'no transformers here'))"
+    if DEVICE=$DEVICE PYTHON_BASELINE=$pyb ROUNDS=${BENCH_ROUNDS:-1} ITERS=${BENCH_ITERS:-6} \
+        timeout 600 "$BIN/ddpo_step" --bench > "$W/bench-step.log" 2>&1; then
+        grep -v '^round' "$W/bench-step.log" | tail -n 22
+        cp "$W/bench-step.log" "$OUT/bench-step.log"
+    else
+        say "bench-step FAILED:"; tail -n 20 "$W/bench-step.log"
+    fi
 fi
 echo "\"seconds\": $SECONDS}" >> "$OUT/gpu-check.json"
 say "done"
