@@ -803,13 +803,17 @@ impl MemoryPlan {
                 String::new()
             }
         };
-        let trainable = self.params.trainable(&i.freeze);
+        let adapters = i
+            .lora
+            .as_ref()
+            .map_or(0, |l| l.params(&i.model.text_config));
+        let trainable = self.params.trainable(&i.freeze) + adapters;
         let mut out = String::new();
         let _ = writeln!(
             out,
             "memory plan per rank: {} ({} parameters, {} trainable), {} weights on {}, world {}, ZeRO-{}",
             i.name,
-            count(self.params.total()),
+            count(self.params.total() + adapters),
             count(trainable),
             i.dtype.name(),
             i.device.name(),
@@ -839,10 +843,6 @@ impl MemoryPlan {
                 ReferenceMode::Online => "online",
             }
         );
-        let adapters = i
-            .lora
-            .as_ref()
-            .map_or(0, |l| l.params(&i.model.text_config));
         if let Some(l) = &i.lora {
             let _ = writeln!(
                 out,
