@@ -555,6 +555,18 @@ fn main() {
         med.push(Some((m, mem, loss)));
     }
     println!();
+    // Where ddpo's step goes (medians over rounds of each child's per-phase medians).
+    for (name, rs) in &results[1..] {
+        let phase = |k: &str| median(rs.iter().map(|r| r[k].as_f64().unwrap()).collect());
+        println!(
+            "{name}: forward {:.3} s, backward {:.3} s, grad norm + clipping {:.3} s, AdamW update + releasing the gradients {:.3} s",
+            phase("forward_s"),
+            phase("backward_s"),
+            phase("norm_and_clip_s"),
+            phase("update_s")
+        );
+    }
+    println!();
     let (split, shared, unshared) = (med[1].unwrap(), med[2].unwrap(), med[3].unwrap());
     println!(
         "shared-prefix step vs split step: {:.2}x faster (target >= 1.5x); vs the unshared step with each \

@@ -3,6 +3,8 @@
 //! A LoRA run learns a preference its frozen base holds the other way round; with dropout its training
 //! forward draws PEFT's very masks.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -12,13 +14,8 @@ use ddpo::model::llava::Llava;
 use ddpo::train::{train, TrainOptions};
 use tch::{Kind, Tensor};
 
-/// The tests of this file run one at a time: two trainings at once make MKL pick thread counts dynamically,
-/// and a different thread count rounds differently, which the bit-for-bit resume check must not see.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// The tests of this file run one at a time (`common::serial`).
+use common::serial;
 
 struct Job {
     _dir: tempfile::TempDir,

@@ -12,14 +12,8 @@ use ddpo::train::optim::{AdamW, AdamWConfig};
 use ddpo::train::{train_distributed, NoHooks, TrainOptions, TrainReport};
 use tch::{Kind, Tensor};
 
-/// The tests of this file run one at a time (their ranks are threads already): trainings of other tests
-/// running beside them can change how many threads a kernel gets, and with it the rounding that the
-/// bit-for-bit comparisons must not see.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// The tests of this file run one at a time (`common::serial`).
+use common::serial;
 
 struct Job {
     _dir: tempfile::TempDir,

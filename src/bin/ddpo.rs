@@ -112,54 +112,7 @@ enum Cmd {
     /// activations, overhead) and whether it fits the device; exits 1 when it does not. From a job config
     /// (flags override its values) or a model preset. Comma-separated --preset, --world and --zero-stage
     /// values print one summary row per combination instead.
-    Plan {
-        /// Job config: model (its config.json only), data.max_length, train.*, reference.mode, world size.
-        #[arg(long, required_unless_present = "preset", conflicts_with = "preset")]
-        config: Option<PathBuf>,
-        /// tiny, small, 1b, llava-1.5-7b, llava-1.5-13b (comma-separated for a table).
-        #[arg(long)]
-        preset: Option<String>,
-        /// Data-parallel ranks (default: cluster.world_size, or 1).
-        #[arg(long)]
-        world: Option<String>,
-        /// 0, 1 or 2 (default: train.zero_stage, or 0).
-        #[arg(long)]
-        zero_stage: Option<String>,
-        /// fp32 or bf16 (default: model.dtype as training resolves it for the device: bf16 on CUDA).
-        #[arg(long)]
-        dtype: Option<String>,
-        #[arg(long)]
-        micro_batch_size: Option<usize>,
-        #[arg(long)]
-        batch_size: Option<usize>,
-        /// The sequence bound (default: data.max_length, or 2048).
-        #[arg(long)]
-        max_length: Option<usize>,
-        /// Plan for measured lengths instead of the max_length bound: prompt tokens (visual tokens
-        /// included) and tokens per response, e.g. the means `ddpo validate` prints.
-        #[arg(long, requires = "response_tokens")]
-        prompt_tokens: Option<usize>,
-        #[arg(long, requires = "prompt_tokens")]
-        response_tokens: Option<usize>,
-        /// With --config: measure the lengths of the longest pair of the training data.
-        #[arg(long, requires = "config")]
-        measure: bool,
-        /// Frozen parts, comma-separated: vision_tower, projector, language_model.
-        #[arg(long, value_delimiter = ',')]
-        freeze: Option<Vec<String>>,
-        /// cached or online.
-        #[arg(long)]
-        reference: Option<String>,
-        /// true or false (default: train.shared_prefix, or true).
-        #[arg(long)]
-        shared_prefix: Option<bool>,
-        /// cpu or cuda (default: auto with --config, cuda with --preset). Needs no such device here.
-        #[arg(long)]
-        device: Option<String>,
-        /// Device memory to plan against, GiB (default: detected; DDPO_DEVICE_MEMORY_BYTES also works).
-        #[arg(long)]
-        device_memory_gib: Option<f64>,
-    },
+    Plan(PlanArgs),
 }
 
 fn main() -> ExitCode {
@@ -193,40 +146,7 @@ fn main() -> ExitCode {
         },
         Cmd::InitModel { out, preset, seed } => cmd_init_model(&out, &preset, seed),
         Cmd::Validate { config } => cmd_validate(&config),
-        Cmd::Plan {
-            config,
-            preset,
-            world,
-            zero_stage,
-            dtype,
-            micro_batch_size,
-            batch_size,
-            max_length,
-            prompt_tokens,
-            response_tokens,
-            measure,
-            freeze,
-            reference,
-            shared_prefix,
-            device,
-            device_memory_gib,
-        } => cmd_plan(PlanArgs {
-            config,
-            preset,
-            world,
-            zero_stage,
-            dtype,
-            micro_batch_size,
-            batch_size,
-            max_length,
-            lengths: prompt_tokens.zip(response_tokens),
-            measure,
-            freeze,
-            reference,
-            shared_prefix,
-            device,
-            device_memory_gib,
-        }),
+        Cmd::Plan(args) => cmd_plan(args),
         Cmd::Precompute { config, device } => cmd_precompute(&config, &device),
         Cmd::Status {
             coordinator,
@@ -585,21 +505,53 @@ fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+#[derive(clap::Args)]
 struct PlanArgs {
+    /// Job config: model (its config.json only), data.max_length, train.*, reference.mode, world size.
+    #[arg(long, required_unless_present = "preset", conflicts_with = "preset")]
     config: Option<PathBuf>,
+    /// tiny, small, 1b, llava-1.5-7b, llava-1.5-13b (comma-separated for a table).
+    #[arg(long)]
     preset: Option<String>,
+    /// Data-parallel ranks (default: cluster.world_size, or 1).
+    #[arg(long)]
     world: Option<String>,
+    /// 0, 1 or 2 (default: train.zero_stage, or 0).
+    #[arg(long)]
     zero_stage: Option<String>,
+    /// fp32 or bf16 (default: model.dtype as training resolves it for the device: bf16 on CUDA).
+    #[arg(long)]
     dtype: Option<String>,
+    #[arg(long)]
     micro_batch_size: Option<usize>,
+    #[arg(long)]
     batch_size: Option<usize>,
+    /// The sequence bound (default: data.max_length, or 2048).
+    #[arg(long)]
     max_length: Option<usize>,
-    lengths: Option<(usize, usize)>,
+    /// Plan for measured lengths instead of the max_length bound: prompt tokens (visual tokens
+    /// included) and tokens per response, e.g. the means `ddpo validate` prints.
+    #[arg(long, requires = "response_tokens")]
+    prompt_tokens: Option<usize>,
+    #[arg(long, requires = "prompt_tokens")]
+    response_tokens: Option<usize>,
+    /// With --config: measure the lengths of the longest pair of the training data.
+    #[arg(long, requires = "config")]
     measure: bool,
+    /// Frozen parts, comma-separated: vision_tower, projector, language_model.
+    #[arg(long, value_delimiter = ',')]
     freeze: Option<Vec<String>>,
+    /// cached or online.
+    #[arg(long)]
     reference: Option<String>,
+    /// true or false (default: train.shared_prefix, or true).
+    #[arg(long)]
     shared_prefix: Option<bool>,
+    /// cpu or cuda (default: auto with --config, cuda with --preset). Needs no such device here.
+    #[arg(long)]
     device: Option<String>,
+    /// Device memory to plan against, GiB (default: detected; DDPO_DEVICE_MEMORY_BYTES also works).
+    #[arg(long)]
     device_memory_gib: Option<f64>,
 }
 
@@ -699,7 +651,7 @@ fn cmd_plan(a: PlanArgs) -> Result<ExitCode> {
         if let Some(l) = a.max_length {
             input.lengths = Lengths::bound(&input.model, l);
         }
-        if let Some((p, r)) = a.lengths {
+        if let Some((p, r)) = a.prompt_tokens.zip(a.response_tokens) {
             input.lengths = Lengths::measured(p, r, "given lengths");
         }
         if let Some(f) = &a.freeze {

@@ -259,108 +259,19 @@ impl LlavaConfig {
     /// (vocabulary 32,000, text 512 × 4 layers, vision 256 × 4 layers at 336 px / patch 14 → 576 tokens).
     /// `image_token_index` is the tokenizer's `<image>` id, filled in by the caller.
     pub fn preset(name: &str) -> Option<Self> {
+        // vocab_size 0: set from the tokenizer (`preset::preset_config`).
         let (text, vision) = match name {
-            "tiny" => (
-                TextConfig {
-                    model_type: "llama".into(),
-                    vocab_size: 0, // set from the tokenizer
-                    hidden_size: 64,
-                    intermediate_size: 128,
-                    num_hidden_layers: 2,
-                    num_attention_heads: 4,
-                    num_key_value_heads: Some(2),
-                    rms_norm_eps: 1e-5,
-                    rope_theta: Some(10000.0),
-                    rope_parameters: None,
-                    max_position_embeddings: 1024,
-                    rope_scaling: None,
-                    attention_bias: false,
-                    mlp_bias: false,
-                    hidden_act: "silu".into(),
-                    tie_word_embeddings: false,
-                    head_dim: None,
-                },
-                VisionConfig {
-                    model_type: "clip_vision_model".into(),
-                    hidden_size: 32,
-                    intermediate_size: 64,
-                    num_hidden_layers: 2,
-                    num_attention_heads: 4,
-                    image_size: 32,
-                    patch_size: 8,
-                    num_channels: 3,
-                    layer_norm_eps: 1e-5,
-                    hidden_act: "quick_gelu".into(),
-                },
-            ),
+            "tiny" => (llama(0, 64, 128, 2, 4, 2, 1024), clip(32, 64, 2, 4, 32, 8)),
             "small" => (
-                TextConfig {
-                    model_type: "llama".into(),
-                    vocab_size: 32000,
-                    hidden_size: 512,
-                    intermediate_size: 1376,
-                    num_hidden_layers: 4,
-                    num_attention_heads: 8,
-                    num_key_value_heads: Some(8),
-                    rms_norm_eps: 1e-5,
-                    rope_theta: Some(10000.0),
-                    rope_parameters: None,
-                    max_position_embeddings: 4096,
-                    rope_scaling: None,
-                    attention_bias: false,
-                    mlp_bias: false,
-                    hidden_act: "silu".into(),
-                    tie_word_embeddings: false,
-                    head_dim: None,
-                },
-                VisionConfig {
-                    model_type: "clip_vision_model".into(),
-                    hidden_size: 256,
-                    intermediate_size: 1024,
-                    num_hidden_layers: 4,
-                    num_attention_heads: 4,
-                    image_size: 336,
-                    patch_size: 14,
-                    num_channels: 3,
-                    layer_norm_eps: 1e-5,
-                    hidden_act: "quick_gelu".into(),
-                },
+                llama(32000, 512, 1376, 4, 8, 8, 4096),
+                clip(256, 1024, 4, 4, 336, 14),
             ),
             // ~1.05 B parameters (decoder 0.95 B, a CLIP ViT-B/14-sized tower at 336 px): the GPU checks'
             // mid-size model, large enough for bf16 kernels and memory to matter, small enough to train on one
             // card without sharding.
             "1b" => (
-                TextConfig {
-                    model_type: "llama".into(),
-                    vocab_size: 32000,
-                    hidden_size: 2048,
-                    intermediate_size: 5632,
-                    num_hidden_layers: 16,
-                    num_attention_heads: 16,
-                    num_key_value_heads: Some(16),
-                    rms_norm_eps: 1e-5,
-                    rope_theta: Some(10000.0),
-                    rope_parameters: None,
-                    max_position_embeddings: 4096,
-                    rope_scaling: None,
-                    attention_bias: false,
-                    mlp_bias: false,
-                    hidden_act: "silu".into(),
-                    tie_word_embeddings: false,
-                    head_dim: None,
-                },
-                VisionConfig {
-                    model_type: "clip_vision_model".into(),
-                    hidden_size: 768,
-                    intermediate_size: 3072,
-                    num_hidden_layers: 12,
-                    num_attention_heads: 12,
-                    image_size: 336,
-                    patch_size: 14,
-                    num_channels: 3,
-                    layer_norm_eps: 1e-5,
-                    hidden_act: "quick_gelu".into(),
-                },
+                llama(32000, 2048, 5632, 16, 16, 16, 4096),
+                clip(768, 3072, 12, 12, 336, 14),
             ),
             _ => return None,
         };
@@ -373,6 +284,60 @@ impl LlavaConfig {
             vision_feature_select_strategy: "default".into(),
             projector_hidden_act: "gelu".into(),
         })
+    }
+}
+
+/// A LLaMA decoder config of the built-in presets (SiLU, RoPE θ 10,000, no biases, untied head).
+fn llama(
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: usize,
+    max_position_embeddings: usize,
+) -> TextConfig {
+    TextConfig {
+        model_type: "llama".into(),
+        vocab_size,
+        hidden_size,
+        intermediate_size,
+        num_hidden_layers,
+        num_attention_heads,
+        num_key_value_heads: Some(num_key_value_heads),
+        rms_norm_eps: 1e-5,
+        rope_theta: Some(10000.0),
+        rope_parameters: None,
+        max_position_embeddings,
+        rope_scaling: None,
+        attention_bias: false,
+        mlp_bias: false,
+        hidden_act: "silu".into(),
+        tie_word_embeddings: false,
+        head_dim: None,
+    }
+}
+
+/// A CLIP vision tower config of the built-in presets (quick_gelu, RGB).
+fn clip(
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    image_size: usize,
+    patch_size: usize,
+) -> VisionConfig {
+    VisionConfig {
+        model_type: "clip_vision_model".into(),
+        hidden_size,
+        intermediate_size,
+        num_hidden_layers,
+        num_attention_heads,
+        image_size,
+        patch_size,
+        num_channels: 3,
+        layer_norm_eps: 1e-5,
+        hidden_act: "quick_gelu".into(),
     }
 }
 

@@ -187,3 +187,11 @@ pub fn ring(world: usize, timeout: std::time::Duration) -> Vec<ddpo::collective:
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     })
 }
+
+/// Serialises the tests of one test binary that call it: trainings running side by side make MKL pick
+/// thread counts dynamically, and a different thread count rounds differently, which bit-for-bit
+/// comparisons (resume, ZeRO vs plain data parallelism) must not see.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
