@@ -34,7 +34,9 @@
 //!
 //! LoRA ([`LoraPlan`]): the base counts as frozen; the adapters add their weights, gradients, masters and
 //! moments, and per token the saved input of each B (rank wide) and, with dropout, each adapter's dropped
-//! input and mask.
+//! input and mask. The adapter counts are tested against `Llava::add_lora`; the LoRA activation term is
+//! derived from libtorch's derivative formulas and, unlike the base terms, not yet checked against PyTorch's
+//! saved tensors.
 //!
 //! Accuracy: on CPU the plan of the `small` preset is within 4 % of the measured peak resident memory of
 //! `ddpo train` (BENCHMARKS.md, `benches/memplan.rs`; `tests/memplan.rs` asserts 10 %). The CUDA rule and its

@@ -512,8 +512,9 @@ pub fn refill_grads(params: &[Tensor]) {
 
 /// Frees the memory of the parameters' gradients between steps, as `zero_grad(set_to_none=True)` does: tch
 /// cannot unset `.grad`, so each becomes an empty tensor (its storage released) until [`micro_step`] gives
-/// it back its shape, zeroed, right before the next backward ([`refill_grads`]). So no gradient memory exists during a step's
-/// first forward, and backward still adds each gradient into `.grad` as soon as it is ready.
+/// it back its shape, zeroed, right before the next backward ([`refill_grads`]). So no gradient memory
+/// exists during a step's first forward, and backward still adds each gradient into `.grad` as soon as it
+/// is ready.
 pub fn release_grads(params: &[Tensor]) {
     tch::no_grad(|| {
         for p in params {
@@ -536,9 +537,8 @@ impl Drop for ReleaseGrads<'_> {
 
 /// Forward and backward of one micro-batch; each pair's loss enters with weight 1/`global_pairs`, and
 /// backward adds the gradients into `.grad`, so over a step's micro-batches they sum to the gradient of the
-/// global batch's mean loss. With
-/// `lora_dropout_seed`, LoRA dropout is on for the policy's forward, its masks drawn from libtorch's
-/// default generator seeded with it. Returns whether the micro-batch's loss was finite.
+/// global batch's mean loss. With `lora_dropout_seed`, LoRA dropout is on for the policy's forward, its masks
+/// drawn from libtorch's default generator seeded with it. Returns whether the micro-batch's loss was finite.
 pub fn micro_step(
     model: &Llava,
     reference: Option<&Llava>,
