@@ -9,7 +9,9 @@ CARGO := scripts/with-torch cargo
 DEMO := target/demo
 BIN := target/debug
 
-# CI (.ci/run) calls `make test`: cargo tests, formatting, the deploy checks and a real one-node Slurm cluster.
+# CI (.ci/run) calls `make test`: cargo tests (library, binaries, integration tests; the benches are built, not
+# run), formatting, clippy with warnings as errors, the API docs with warnings as errors, the deploy checks and a
+# real one-node Slurm cluster.
 .PHONY: setup build test test-slurm test-deploy demo lint bench-data bench-forward bench-train bench-collective bench-step clean-demo
 
 setup:
@@ -19,8 +21,10 @@ build: setup
 	$(CARGO) build --all-targets
 
 test: build
-	$(CARGO) test --all-targets --no-fail-fast
+	$(CARGO) test --lib --bins --tests --no-fail-fast
 	cargo fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps
 	BIN=$(BIN) tests/deploy/check.sh
 	BIN=$(BIN) tests/slurm/run.sh
 
@@ -35,6 +39,7 @@ test-deploy: build
 lint: setup
 	cargo fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps
 
 demo: build
 	BIN=$(BIN) scripts/demo.sh

@@ -9,7 +9,7 @@ use ddpo::data::image::decode;
 use ddpo::data::pipeline::Preprocessor;
 use ddpo::data::reader::ShardReader;
 use ddpo::data::synth::{write_synthetic, SynthOptions};
-use ddpo::model::preset::write_model_files;
+use ddpo::preset::write_model_files;
 
 fn main() {
     // `cargo test --all-targets` runs bench targets too; only `cargo bench` (which passes --bench) measures.

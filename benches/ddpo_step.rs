@@ -39,9 +39,9 @@ use ddpo::config::DdpoConfig;
 use ddpo::data::collate::{collate, Batch};
 use ddpo::data::pipeline::{Example, RefLogps};
 use ddpo::model::llava::Llava;
-use ddpo::model::preset::init_model;
-use ddpo::train::data::SplitMix;
+use ddpo::preset::init_model;
 use ddpo::train::optim::{AdamW, AdamWConfig, Grads};
+use ddpo::util::prng::SplitMix;
 use tch::{Device, Kind, Tensor};
 
 const LR: f64 = 5e-7;
@@ -147,7 +147,7 @@ fn comparison_examples(
 fn attach_reference(model: &Llava, exs: &mut [Example]) {
     let side = model.config.vision_config.image_size;
     let batch = collate(exs, 0, (side, side), false);
-    let lp = tch::no_grad(|| ddpo::ddpo::batch_logps(model, &batch));
+    let lp = tch::no_grad(|| ddpo::logps::batch_logps(model, &batch));
     let b = exs.len();
     let t = lp.size()[1] as usize;
     let flat = Vec::<f32>::try_from(lp.reshape([-1])).unwrap();
@@ -401,6 +401,8 @@ fn train_child(config: &Path) {
 }
 
 fn main() {
+    // As the binaries do: the VML warm-up, and no cuDNN attention (its per-shape plans; util::numerics).
+    ddpo::util::numerics::init_process();
     if let Ok(what) = std::env::var("DDPO_STEP_CHILD") {
         if what == "train" {
             train_child(&PathBuf::from(std::env::var("DDPO_STEP_CONFIG").unwrap()));

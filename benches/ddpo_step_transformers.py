@@ -64,8 +64,8 @@ INPUT FORMAT (`--inputs`, a safetensors file; B pairs, T = longest row, H = W = 
 --synthetic builds such a batch itself (shape of benches/forward.rs): per row BOS, `--prompt` random text ids
 (drawn in [3, image_token_index)) with the 576 image ids inserted after the first half, then the response:
 chosen = `--response` ids ending in EOS, rejected = chosen with 3 segments of 3-6 ids replaced and
-`--rejected-shorter` ids fewer (so 1 + 40 + 576 + 100 = 717 and 707 tokens by default), `changed` from DESIGN.md
-section 1's rule (difflib on the response ids, min_match 3), pixel_values ~ N(0, 1), and `ref_logps` from one
+`--rejected-shorter` ids fewer (so 1 + 40 + 576 + 100 = 717 and 707 tokens by default), `changed` from the
+docs/algorithm.md rule (difflib on the response ids, min_match 3), pixel_values ~ N(0, 1), and `ref_logps` from one
 untimed no-grad forward of the initial model (so step 1's loss is ln 2). `--save-inputs F` writes exactly that
 batch in the format above (with `changed`, `ref_logps`, the scalar `ref_*_logp` for the run's gamma/score, and
 beta/gamma/score as metadata) for the Rust side to load.
@@ -206,8 +206,8 @@ def model_flops(cfg, rows, seq_len, resp_tokens, images_encoded, lm_head_positio
 # ----------------------------------------------------------------------------------------------------------------
 
 def changed_flags(rejected, chosen, min_match=3):
-    """DESIGN.md section 1 (RLHF-V get_diff_ids on response ids): difflib blocks (autojunk on), blocks shorter than
-    min_match dropped (sentinel kept), a gap is a change only when both sides are non-empty."""
+    """Changed segments, docs/algorithm.md (RLHF-V get_diff_ids on response ids): difflib blocks (autojunk on),
+    blocks shorter than min_match dropped (sentinel kept), a gap is a change only when both sides are non-empty."""
     sm = difflib.SequenceMatcher(None, a=rejected, b=chosen)
     blocks = [m for m in sm.get_matching_blocks() if m.size >= min_match or m.size == 0]
     rc, cc = [False] * len(rejected), [False] * len(chosen)

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use ddpo::data::collate::IGNORE;
 use ddpo::model::llava::Llava;
-use ddpo::model::preset::init_model;
+use ddpo::preset::init_model;
 use tch::{Device, Kind, Tensor};
 
 fn main() {

@@ -1,5 +1,5 @@
 //! The memory plan (`src/memplan.rs`) against the measured peak resident memory of `ddpo train` on CPU. Not a
-//! test (tests/memplan.rs checks the same within 10 %); this prints the numbers and re-derives the runtime
+//! test (tests/it/memplan.rs checks the same within 10 %); this prints the numbers and re-derives the runtime
 //! overhead constant. Run: `scripts/with-torch cargo bench --bench memplan`.
 //!
 //! For the `tiny` and the `small` preset, on the same synthetic data (`ddpo synth`, 336 px images, PAIRS
@@ -82,7 +82,7 @@ fn main() {
     let mut tiny_overhead = None;
     let mut small = None;
     for preset in ["tiny", "small"] {
-        ddpo::model::preset::init_model(&root.join(preset), preset, 0).unwrap();
+        ddpo::preset::init_model(&root.join(preset), preset, 0).unwrap();
         let (toml, cfg) = job(&root, preset);
         let toml = toml.to_str().unwrap();
         let (ok, _) = run(

@@ -8,7 +8,7 @@
 //!    log_softmax + gather), same pairs, ids, batch size in pairs and thread count; the two alternate, best of
 //!    REPEATS each;
 //! 2. the training step, cached reference vs online reference model, split into data (fetch + collate),
-//!    policy forward (`ddpo::batch_logps`), reference forward (online only), loss + backward, optimizer
+//!    policy forward (`logps::batch_logps`), reference forward (online only), loss + backward, optimizer
 //!    (grad norm, clipping, AdamW, freeing the gradients); both modes on the same batches, interleaved, median of ITERS
 //!    after one warm-up step;
 //! 3. peak resident memory of `ddpo train --max-steps STEPS` in a child process, cached vs online (VmHWM
@@ -27,9 +27,10 @@ use ddpo::config::Config;
 use ddpo::data::collate::collate;
 use ddpo::data::pipeline::Preprocessor;
 use ddpo::data::synth::{write_synthetic, SynthOptions};
-use ddpo::ddpo::{batch_logps, pair_terms};
+use ddpo::ddpo::pair_terms;
+use ddpo::logps::batch_logps;
 use ddpo::model::llava::Llava;
-use ddpo::model::preset::init_model;
+use ddpo::preset::init_model;
 use ddpo::refcache::{precompute, RefCache};
 use ddpo::train::data::{epoch_order, PairSource, RowRef};
 use ddpo::train::optim::{AdamW, AdamWConfig, Grads};

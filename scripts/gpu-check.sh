@@ -15,13 +15,16 @@
 #      layouts in bf16 side by side, and the Python baseline under bf16 autocast when the machine has
 #      transformers; peak memory from nvidia-smi, model FLOPs utilisation against a bf16 matmul peak.
 # Env: BIN (unpacked binaries; default: unpack .gpu/*.xz), OUT (results; default /tmp/gpu-check), DEVICE
-# (default cuda:0; `cpu` runs the same steps on the CPU, to test this script), STEPS (12), ONE_B (1 on a GPU,
+# (default cuda:0; `cpu` runs the same steps on the CPU, to test this script), STEPS (12), T_TRAIN (300 s),
+# T_BENCH (600 s), ONE_B (1 on a GPU,
 # 0 on the CPU: the 1b preset's run).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/gpu-check}
 DEVICE=${DEVICE:-cuda:0}
 STEPS=${STEPS:-12}
+T_TRAIN=${T_TRAIN:-300}  # seconds each training run, precompute and the NCCL job may take
+T_BENCH=${T_BENCH:-600}  # seconds bench-step may take
 if [[ $DEVICE == cpu ]]; then ONE_B=${ONE_B:-0}; else ONE_B=${ONE_B:-1}; fi
 mkdir -p "$OUT"
 LOG="$OUT/gpu-check.log"
@@ -116,7 +119,7 @@ for run in "${runs[@]}"; do
     plan=$("$BIN/ddpo" plan --config "$W/$name.toml" --device "${DEVICE%%:*}" 2>&1 | grep -E '^ +total' | head -n 1)
     say "$name plan:$plan"
     say "train $name on $DEVICE ($STEPS steps)"
-    if with_peak timeout 300 "$BIN/ddpo" train --config "$W/$name.toml" --device "$DEVICE" --max-steps "$STEPS" \
+    if with_peak timeout "$T_TRAIN" "$BIN/ddpo" train --config "$W/$name.toml" --device "$DEVICE" --max-steps "$STEPS" \
         > "$W/$name.log" 2>&1; then
         read -r sps tps loss <<< "$(summary "$name")"
         say "$name: $sps pairs/s, $tps tokens/s, first-measured-step loss $loss, peak GPU memory $PEAK MiB (whole card, polled)"
@@ -128,7 +131,7 @@ done
 
 say "reference log-probs: fp32 on the CPU vs bf16 on $DEVICE"
 job cpu-ref fp32 true 1 cache-cpu
-if timeout 300 "$BIN/ddpo" precompute --config "$W/cpu-ref.toml" --device cpu > "$W/cpu-ref.log" 2>&1; then
+if timeout "$T_TRAIN" "$BIN/ddpo" precompute --config "$W/cpu-ref.toml" --device cpu > "$W/cpu-ref.log" 2>&1; then
     python3 - "$W/cache-cpu" "$W/cache-bf16-model" <<'PY' || true
 import glob, sys
 try:
@@ -155,7 +158,7 @@ fi
 
 say "NCCL: 2 workers on one GPU (world 2)"
 job nccl2 bf16 true 2 cache-bf16-model
-timeout 300 "$BIN/coordinator" --config "$W/nccl2.toml" --local-workers 2 --local-device "$DEVICE" \
+timeout "$T_TRAIN" "$BIN/coordinator" --config "$W/nccl2.toml" --local-workers 2 --local-device "$DEVICE" \
     --linger-secs 0 > "$W/nccl2.log" 2>&1
 rc=$?
 if [[ $rc -eq 0 ]]; then
@@ -170,7 +173,7 @@ if [[ -x $BIN/ddpo_step ]]; then
     python3 -c 'import transformers' 2> /dev/null && pyb=1
     say "bench-step on $DEVICE (Python baseline: $([[ $pyb == 1 ]] && echo yes || echo 'no transformers here'))"
     if DEVICE=$DEVICE PYTHON_BASELINE=$pyb ROUNDS=${BENCH_ROUNDS:-1} ITERS=${BENCH_ITERS:-6} \
-        timeout 600 "$BIN/ddpo_step" --bench > "$W/bench-step.log" 2>&1; then
+        timeout "$T_BENCH" "$BIN/ddpo_step" --bench > "$W/bench-step.log" 2>&1; then
         grep -v '^round' "$W/bench-step.log" | tail -n 22
         cp "$W/bench-step.log" "$OUT/bench-step.log"
     else

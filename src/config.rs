@@ -3,13 +3,16 @@
 //!
 //! Invariant: a `Config` returned by [`Config::load`] has passed [`Config::validate`]; code downstream may
 //! rely on the ranges checked there (β > 0, γ ≥ 1, batch sizes dividing, …). File existence is checked
-//! separately by [`Config::check_files`] so configs can be parsed on machines without the data.
+//! separately by `data::check_files` so configs can be parsed on machines without the data.
 
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// Environment variables with this prefix (then `__`-separated keys) override the file.
 pub const ENV_PREFIX: &str = "DDPO";
+
+/// The chat templates `data.template` may name (built by `data::template`).
+pub const TEMPLATE_NAMES: &[&str] = &["llava_v1", "llava_hf"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -27,7 +30,7 @@ pub enum ConfigError {
     },
 }
 
-/// The whole job. Sections as in DESIGN.md §4.
+/// The whole job. Sections as in docs/interfaces.md.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -98,6 +101,18 @@ pub enum Dtype {
     Auto,
     Fp32,
     Bf16,
+}
+
+impl Dtype {
+    /// The weight dtype on `device`: `auto` is bf16 on CUDA, fp32 on CPU.
+    pub fn weight_kind(self, device: tch::Device) -> tch::Kind {
+        match self {
+            Dtype::Fp32 => tch::Kind::Float,
+            Dtype::Bf16 => tch::Kind::BFloat16,
+            Dtype::Auto if device.is_cuda() => tch::Kind::BFloat16,
+            Dtype::Auto => tch::Kind::Float,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -683,11 +698,11 @@ impl Config {
             format!("data.max_length = {}: must be >= 8", dc.max_length),
         );
         check(
-            crate::data::template::Template::from_name(&dc.template).is_some(),
+            TEMPLATE_NAMES.contains(&dc.template.as_str()),
             format!(
                 "data.template = {:?}: unknown; known: {}",
                 dc.template,
-                crate::data::template::Template::NAMES.join(", ")
+                TEMPLATE_NAMES.join(", ")
             ),
         );
         check(
@@ -697,34 +712,20 @@ impl Config {
         p
     }
 
-    /// Checks that the files the job needs exist: the model directory and at least one shard per data pattern.
-    pub fn check_files(&self) -> Vec<String> {
-        let mut p = Vec::new();
-        if !self.model.path.is_dir() {
-            p.push(format!(
-                "model.path = {}: no such directory",
-                self.model.path.display()
-            ));
-        }
-        if let Some(r) = &self.reference.path {
-            if !r.is_dir() {
-                p.push(format!(
-                    "reference.path = {}: no such directory",
-                    r.display()
-                ));
+    /// The job's model identity: sha256 over the model directory's config, tokenizer and image-processor files
+    /// and the seed. Every worker of a job must compute the same digest (the coordinator refuses others).
+    pub fn model_digest(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for f in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
+            h.update(f.as_bytes());
+            match std::fs::read(self.model.path.join(f)) {
+                Ok(b) => h.update(&b),
+                Err(_) => h.update(b"<missing>"),
             }
         }
-        for (key, pats) in [
-            ("data.train", &self.data.train),
-            ("data.eval", &self.data.eval),
-        ] {
-            for pat in pats.iter() {
-                if let Err(e) = crate::data::shards::discover(std::slice::from_ref(pat)) {
-                    p.push(format!("{key}: {e}"));
-                }
-            }
-        }
-        p
+        h.update(self.train.seed.to_le_bytes());
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// The reference model directory (defaults to the policy's).
@@ -999,17 +1000,5 @@ train = ["d/*.parquet"]
         assert!(e.contains("expected cpu, cuda, cuda:N or auto"), "{e}");
         let e = parse_device("cuda:99").unwrap_err();
         assert!(e.contains("CUDA device(s)"), "{e}");
-    }
-
-    #[test]
-    fn missing_files_are_named() {
-        let c = parse(MINIMAL).unwrap();
-        let p = c.check_files();
-        assert!(p.iter().any(|m| m.contains("model.path = m")), "{p:?}");
-        assert!(
-            p.iter()
-                .any(|m| m.contains("data.train") && m.contains("d/*.parquet")),
-            "{p:?}"
-        );
     }
 }

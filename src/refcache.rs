@@ -1,4 +1,4 @@
-//! The reference log-prob cache (DESIGN.md §2): per-token reference log-probs computed once, up front, so
+//! The reference log-prob cache (docs/formats.md): per-token reference log-probs computed once, up front, so
 //! training runs one model instead of two.
 //!
 //! Layout: `<reference.cache_dir>/<fingerprint>/` holds one parquet file per data shard (the shard's file
@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -44,6 +44,7 @@ use crate::data::collate::{collate, IGNORE};
 use crate::data::pipeline::{Example, ExampleStream, Preprocessor, RefLogps};
 use crate::data::{DataError, RowError};
 use crate::model::llava::Llava;
+use crate::util::fsx;
 
 /// Version of the cache format and of the way its numbers are computed; part of the fingerprint.
 pub const FORMAT_VERSION: u32 = 1;
@@ -294,7 +295,7 @@ impl std::fmt::Debug for RefCache {
 
 /// The weight dtype of the reference forward: `model.dtype`, with `auto` = bf16 on CUDA, fp32 on CPU.
 pub fn reference_kind(cfg: &Config, device: tch::Device) -> Kind {
-    crate::train::weight_kind(cfg.model.dtype, device)
+    cfg.model.dtype.weight_kind(device)
 }
 
 fn kind_name(kind: Kind) -> &'static str {
@@ -490,11 +491,7 @@ impl RefCache {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         ));
-        let pad_id = pre
-            .text
-            .tokenizer()
-            .token_to_id(crate::data::tokenizer::PAD)
-            .unwrap_or(0);
+        let pad_id = pre.pad_id();
         let image_hw = pre
             .image
             .fixed_output_size()
@@ -902,7 +899,7 @@ impl Forward<'_> {
             } else {
                 Some(batch.to_device(self.device))
             };
-            crate::ddpo::batch_logps(self.model, on_dev.as_ref().unwrap_or(&batch))
+            crate::logps::batch_logps(self.model, on_dev.as_ref().unwrap_or(&batch))
                 .to_device(tch::Device::Cpu)
                 .to_kind(Kind::Float)
         });
@@ -951,7 +948,7 @@ impl Forward<'_> {
     }
 }
 
-/// The cache file schema (DESIGN.md §2).
+/// The cache file schema (docs/formats.md).
 pub fn schema() -> SchemaRef {
     let list = |t: DataType| DataType::List(Arc::new(Field::new("item", t, true)));
     Arc::new(Schema::new(vec![
@@ -1187,35 +1184,14 @@ fn same_type(a: &DataType, b: &DataType) -> bool {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary sibling and a rename.
+/// Writes `bytes` to `path` through a temporary sibling and a rename ([`fsx::write_atomic`]).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.{}.{}.tmp",
-        file_name(path),
-        std::process::id(),
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-    ));
-    let result = (|| {
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, path).map_err(io_err(path))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    fsx::write_atomic(path, bytes).map_err(io_err(path))
 }
 
 /// Makes a rename durable (best effort: not every filesystem allows syncing a directory).
 fn sync_dir(dir: &Path) {
-    if let Ok(f) = File::open(dir) {
-        let _ = f.sync_all();
-    }
+    let _ = fsx::sync_dir(dir);
 }
 
 fn hex(bytes: &[u8]) -> String {

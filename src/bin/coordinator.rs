@@ -53,7 +53,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<bool> {
     let cfg = Config::load(&cli.config)?;
-    let problems = cfg.check_files();
+    let problems = ddpo::data::check_files(&cfg);
     if !problems.is_empty() {
         bail!(
             "config {}:\n  - {}",

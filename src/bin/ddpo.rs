@@ -11,7 +11,7 @@ use ddpo::config::{Config, OnBadRow};
 use ddpo::data::pipeline::{ExampleStream, Preprocessor};
 use ddpo::data::{shards, synth};
 use ddpo::logging::{self, LogFormat};
-use ddpo::model::preset;
+use ddpo::preset;
 
 #[derive(Parser)]
 #[command(
@@ -112,10 +112,11 @@ enum Cmd {
     /// activations, overhead) and whether it fits the device; exits 1 when it does not. From a job config
     /// (flags override its values) or a model preset. Comma-separated --preset, --world and --zero-stage
     /// values print one summary row per combination instead.
-    Plan(PlanArgs),
+    Plan(ddpo::memplan::PlanArgs),
 }
 
 fn main() -> ExitCode {
+    ddpo::util::numerics::init_process();
     let cli = Cli::parse();
     let log_format = cli.log_format.unwrap_or_else(LogFormat::from_env);
     logging::init(log_format);
@@ -146,7 +147,15 @@ fn main() -> ExitCode {
         },
         Cmd::InitModel { out, preset, seed } => cmd_init_model(&out, &preset, seed),
         Cmd::Validate { config } => cmd_validate(&config),
-        Cmd::Plan(args) => cmd_plan(args),
+        Cmd::Plan(args) => ddpo::memplan::run_plan_command(args)
+            .map(|fits| {
+                if fits {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            })
+            .map_err(anyhow::Error::from),
         Cmd::Precompute { config, device } => cmd_precompute(&config, &device),
         Cmd::Status {
             coordinator,
@@ -310,7 +319,7 @@ fn parse_device(s: &str) -> Result<tch::Device> {
 /// Loads and fully checks a job config (keys, ranges, files), printing problems like `validate` does.
 fn load_config(path: &Path) -> Result<Config> {
     let cfg = Config::load(path)?;
-    let problems = cfg.check_files();
+    let problems = ddpo::data::check_files(&cfg);
     if !problems.is_empty() {
         bail!(
             "config {}: {} problem(s):\n  - {}",
@@ -385,7 +394,7 @@ fn cmd_validate(path: &Path) -> Result<ExitCode> {
         }
     };
     println!("config {}: keys and ranges ok", path.display());
-    let problems = cfg.check_files();
+    let problems = ddpo::data::check_files(&cfg);
     if !problems.is_empty() {
         eprintln!(
             "config {}: {} problem(s):\n  - {}",
@@ -503,292 +512,4 @@ fn peak_rss_mib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
-}
-
-#[derive(clap::Args)]
-struct PlanArgs {
-    /// Job config: model (its config.json only), data.max_length, train.*, reference.mode, world size.
-    #[arg(long, required_unless_present = "preset", conflicts_with = "preset")]
-    config: Option<PathBuf>,
-    /// tiny, small, 1b, llava-1.5-7b, llava-1.5-13b (comma-separated for a table).
-    #[arg(long)]
-    preset: Option<String>,
-    /// Data-parallel ranks (default: cluster.world_size, or 1).
-    #[arg(long)]
-    world: Option<String>,
-    /// 0, 1 or 2 (default: train.zero_stage, or 0).
-    #[arg(long)]
-    zero_stage: Option<String>,
-    /// fp32 or bf16 (default: model.dtype as training resolves it for the device: bf16 on CUDA).
-    #[arg(long)]
-    dtype: Option<String>,
-    #[arg(long)]
-    micro_batch_size: Option<usize>,
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// The sequence bound (default: data.max_length, or 2048).
-    #[arg(long)]
-    max_length: Option<usize>,
-    /// Plan for measured lengths instead of the max_length bound: prompt tokens (visual tokens
-    /// included) and tokens per response, e.g. the means `ddpo validate` prints.
-    #[arg(long, requires = "response_tokens")]
-    prompt_tokens: Option<usize>,
-    #[arg(long, requires = "prompt_tokens")]
-    response_tokens: Option<usize>,
-    /// With --config: measure the lengths of the longest pair of the training data.
-    #[arg(long, requires = "config")]
-    measure: bool,
-    /// Frozen parts, comma-separated: vision_tower, projector, language_model.
-    #[arg(long, value_delimiter = ',')]
-    freeze: Option<Vec<String>>,
-    /// cached or online.
-    #[arg(long)]
-    reference: Option<String>,
-    /// true or false (default: train.shared_prefix, or true).
-    #[arg(long)]
-    shared_prefix: Option<bool>,
-    /// cpu or cuda (default: auto with --config, cuda with --preset). Needs no such device here.
-    #[arg(long)]
-    device: Option<String>,
-    /// Device memory to plan against, GiB (default: detected; DDPO_DEVICE_MEMORY_BYTES also works).
-    #[arg(long)]
-    device_memory_gib: Option<f64>,
-}
-
-/// A comma-separated list of numbers.
-fn number_list<T: std::str::FromStr>(flag: &str, s: &str) -> Result<Vec<T>> {
-    s.split(',')
-        .map(|x| {
-            x.trim().parse().map_err(|_| {
-                anyhow::anyhow!("--{flag} {s:?}: expected numbers separated by commas")
-            })
-        })
-        .collect()
-}
-
-fn cmd_plan(a: PlanArgs) -> Result<ExitCode> {
-    use ddpo::config::{Dtype, FreezeTarget, ReferenceMode};
-    use ddpo::memplan::{
-        self, DeviceMemory, Lengths, LoraPlan, MemoryPlan, PlanDevice, PlanInput, WeightDtype,
-    };
-    /// The LoRA column's adapter rank (PEFT's and LLaVA's usual recipes use 8–128).
-    const LORA_COLUMN_RANK: usize = 16;
-
-    // The device kind to plan for (no such device is needed here) and the one to detect memory on.
-    let device = match a.device.as_deref() {
-        None if a.config.is_some() => tch::Device::cuda_if_available(),
-        None | Some("cuda") => tch::Device::Cuda(0),
-        Some("cpu") => tch::Device::Cpu,
-        Some(other) => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => tch::Device::Cuda(n),
-            None => bail!("--device {other:?}: expected cpu, cuda or cuda:N"),
-        },
-    };
-    let plan_device = PlanDevice::of(device);
-    // One base input per model, from the config or the preset.
-    let mut bases: Vec<PlanInput> = Vec::new();
-    let mut worlds = vec![1usize];
-    let mut stages = vec![0u8];
-    if let Some(path) = &a.config {
-        let cfg = Config::load(path)?;
-        let model = ddpo::model::config::LlavaConfig::from_dir(&cfg.model.path)
-            .map_err(anyhow::Error::msg)?;
-        let kind = ddpo::train::weight_kind(cfg.model.dtype, device);
-        let mut input = PlanInput::from_config(
-            &cfg,
-            cfg.model.path.display().to_string(),
-            model,
-            plan_device,
-            WeightDtype::of(kind),
-            cfg.cluster.world_size,
-        );
-        worlds = vec![cfg.cluster.world_size];
-        stages = vec![cfg.train.zero_stage];
-        if a.measure {
-            let (longest, _) = memplan::measure_lengths(&cfg).map_err(anyhow::Error::msg)?;
-            input.lengths = longest;
-        }
-        bases.push(input);
-    } else {
-        let names = a.preset.as_deref().unwrap_or_default();
-        for name in names.split(',').map(str::trim) {
-            let model = memplan::architecture(name).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--preset {name:?}: unknown; known: {}",
-                    memplan::ARCHITECTURES.join(", ")
-                )
-            })?;
-            let dtype = WeightDtype::of(ddpo::train::weight_kind(Dtype::Auto, device));
-            bases.push(PlanInput::for_architecture(name, model, dtype, plan_device));
-        }
-    }
-    if let Some(w) = &a.world {
-        worlds = number_list("world", w)?;
-    }
-    if let Some(z) = &a.zero_stage {
-        stages = number_list("zero-stage", z)?;
-        if let Some(bad) = stages.iter().find(|&&s| s > 2) {
-            bail!("--zero-stage {bad}: must be 0, 1 or 2");
-        }
-    }
-    if worlds.contains(&0) {
-        bail!("--world 0: must be >= 1");
-    }
-    for input in bases.iter_mut() {
-        if let Some(d) = &a.dtype {
-            input.dtype = match d.as_str() {
-                "fp32" => WeightDtype::Fp32,
-                "bf16" => WeightDtype::Bf16,
-                other => bail!("--dtype {other:?}: expected fp32 or bf16"),
-            };
-        }
-        if let Some(m) = a.micro_batch_size {
-            input.micro_batch_size = m.max(1);
-        }
-        if let Some(b) = a.batch_size {
-            input.batch_size = b.max(1);
-        }
-        if let Some(l) = a.max_length {
-            input.lengths = Lengths::bound(&input.model, l);
-        }
-        if let Some((p, r)) = a.prompt_tokens.zip(a.response_tokens) {
-            input.lengths = Lengths::measured(p, r, "given lengths");
-        }
-        if let Some(f) = &a.freeze {
-            input.freeze = f
-                .iter()
-                .map(|x| match x.trim() {
-                    "vision_tower" => Ok(FreezeTarget::VisionTower),
-                    "projector" => Ok(FreezeTarget::Projector),
-                    "language_model" => Ok(FreezeTarget::LanguageModel),
-                    other => Err(anyhow::anyhow!(
-                        "--freeze {other:?}: expected vision_tower, projector or language_model"
-                    )),
-                })
-                .collect::<Result<_>>()?;
-        }
-        if let Some(r) = &a.reference {
-            input.reference = match r.as_str() {
-                "cached" => ReferenceMode::Cached,
-                "online" => ReferenceMode::Online,
-                other => bail!("--reference {other:?}: expected cached or online"),
-            };
-        }
-        if let Some(sp) = a.shared_prefix {
-            input.shared_prefix = sp;
-        }
-    }
-    let memory = match a.device_memory_gib {
-        Some(g) if g > 0.0 => Some(DeviceMemory {
-            bytes: (g * (1u64 << 30) as f64) as u64,
-            source: format!("--device-memory-gib {g}"),
-        }),
-        Some(g) => bail!("--device-memory-gib {g}: must be > 0"),
-        None => memplan::device_memory(device),
-    };
-
-    let mut combos: Vec<PlanInput> = Vec::new();
-    for b in &bases {
-        for &world in &worlds {
-            for &zero_stage in &stages {
-                combos.push(PlanInput {
-                    world,
-                    zero_stage,
-                    ..b.clone()
-                });
-            }
-        }
-    }
-    if combos.len() == 1 {
-        let plan = MemoryPlan::new(combos.into_iter().next().expect("one"));
-        print!("{}", plan.table(memory.as_ref()));
-        if let Some(m) = &memory {
-            if plan.total > m.bytes {
-                print!("{}", memplan::suggestions_text(&plan.input, m.bytes));
-                return Ok(ExitCode::FAILURE);
-            }
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    let gib = |b: u64| format!("{:.1}", b as f64 / (1u64 << 30) as f64);
-    let fits_header = match &memory {
-        Some(m) => format!("fits {} GiB", gib(m.bytes)),
-        None => "fits".into(),
-    };
-    println!(
-        "| model | {} | ZeRO | dtype | weights | gradients | fp32 masters | AdamW moments | activations | other | total per {} (GiB) | {fits_header} | LoRA total (GiB) |",
-        if plan_device == PlanDevice::Cuda { "GPUs" } else { "ranks" },
-        if plan_device == PlanDevice::Cuda { "GPU" } else { "rank" },
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for input in combos {
-        // LoRA: the base frozen (no gradients, masters or moments for it), adapters of the default
-        // settings on top.
-        let lora = MemoryPlan::new(PlanInput {
-            freeze: vec![
-                FreezeTarget::VisionTower,
-                FreezeTarget::Projector,
-                FreezeTarget::LanguageModel,
-            ],
-            lora: LoraPlan::of(&ddpo::config::LoraConfig {
-                rank: LORA_COLUMN_RANK,
-                ..Default::default()
-            }),
-            ..input.clone()
-        });
-        let lora_fits = match &memory {
-            Some(m) if lora.total <= m.bytes => " (fits)",
-            Some(_) => " (**no**)",
-            None => "",
-        };
-        let p = MemoryPlan::new(input);
-        let i = &p.input;
-        let listed = p.weights + p.gradients + p.masters + p.moments + p.activations.total();
-        let fits = match &memory {
-            Some(m) if p.total <= m.bytes => "yes",
-            Some(_) => "**no**",
-            None => "?",
-        };
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {fits} | {}{lora_fits} |",
-            i.name,
-            i.world,
-            i.zero_stage,
-            i.dtype.name(),
-            gib(p.weights),
-            gib(p.gradients),
-            gib(p.masters),
-            gib(p.moments),
-            gib(p.activations.total()),
-            gib(p.total - listed),
-            gib(p.total),
-            gib(lora.total),
-        );
-    }
-    let first = &bases[0];
-    let freeze: Vec<&str> = first
-        .freeze
-        .iter()
-        .map(|f| match f {
-            FreezeTarget::VisionTower => "vision_tower",
-            FreezeTarget::Projector => "projector",
-            FreezeTarget::LanguageModel => "language_model",
-        })
-        .collect();
-    println!(
-        "\nGiB per {}; micro_batch_size {}, {}, shared_prefix {}, reference {}, frozen: {}; other = runtime \
-         overhead, backward and update transients, communication bucket{}. LoRA: total per device with the base \
-         frozen and only adapters trained (rank {LORA_COLUMN_RANK} on q/k/v/o_proj, no dropout).",
-        if plan_device == PlanDevice::Cuda { "GPU" } else { "rank" },
-        first.micro_batch_size,
-        first.lengths.source,
-        first.shared_prefix,
-        match first.reference {
-            ReferenceMode::Cached => "cached",
-            ReferenceMode::Online => "online",
-        },
-        if freeze.is_empty() { "nothing (full fine-tuning)".to_string() } else { freeze.join(", ") },
-        if plan_device == PlanDevice::Cpu { ", data feed" } else { "" },
-    );
-    Ok(ExitCode::SUCCESS)
 }

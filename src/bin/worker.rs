@@ -32,6 +32,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    ddpo::util::numerics::init_process();
     let cli = Cli::parse();
     logging::init(cli.log_format.unwrap_or_else(LogFormat::from_env));
     if let Some(t) = cli.threads {

@@ -1,4 +1,4 @@
-//! Collectives behind one trait (DESIGN.md §4): the gradient all-reduce and the few other exchanges that the
+//! Collectives behind one trait (docs/interfaces.md): the gradient all-reduce and the few other exchanges that the
 //! ranks of a training job need.
 //!
 //! - [`LocalCollective`] — world size 1: every operation is a no-op.
@@ -27,6 +27,10 @@ pub mod nccl;
 pub mod ring;
 
 pub use local::LocalCollective;
+
+/// Bytes of one gradient bucket, as PyTorch DDP's default: the unit in which gradients are exchanged and
+/// the staging buffer a rank holds during an exchange (counted by the memory plan).
+pub const BUCKET_BYTES: usize = 25 << 20;
 pub use nccl::NcclCollective;
 pub use ring::{RingCollective, RingListener};
 

@@ -13,7 +13,7 @@
 //! dozen entry points it needs from that library with `libloading`, typed with cudarc's `sys` types. Order:
 //! 1. `DDPO_NCCL_LIBRARY` (a path), when set;
 //! 2. a `libnccl.so*` already mapped into the process — on GPU machines `libtorch_cuda.so` (linked into every
-//!    binary, DESIGN.md §5) has pulled in `libnccl.so.2` through its RPATH, and using that same copy keeps one
+//!    binary, docs/interfaces.md) has pulled in `libnccl.so.2` through its RPATH, and using that same copy keeps one
 //!    NCCL per process;
 //! 3. next to the libtorch in use: `<torch>/lib/../../nvidia/nccl/lib/libnccl.so.2` (the PyTorch wheel layout),
 //!    `<torch>/lib/libnccl.so.2`;

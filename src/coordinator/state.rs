@@ -109,21 +109,6 @@ pub struct Job {
     incarnation: String,
 }
 
-/// sha256 over the model directory's config and tokenizer files: what a worker must see identically.
-pub fn model_digest(cfg: &Config) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    for f in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
-        h.update(f.as_bytes());
-        match std::fs::read(cfg.model.path.join(f)) {
-            Ok(b) => h.update(&b),
-            Err(_) => h.update(b"<missing>"),
-        }
-    }
-    h.update(cfg.train.seed.to_le_bytes());
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn state_path(cfg: &Config) -> PathBuf {
     cfg.train.output_dir.join("coordinator-state.json")
 }
@@ -138,7 +123,7 @@ impl Job {
         let saved: Option<Saved> = std::fs::read_to_string(state_path(&cfg))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
-        let digest = model_digest(&cfg);
+        let digest = cfg.model_digest();
         let job_id = saved
             .as_ref()
             .map(|s| s.job_id.clone())
@@ -207,9 +192,9 @@ impl Job {
         };
         let p = state_path(&self.cfg);
         let _ = std::fs::create_dir_all(&self.cfg.train.output_dir);
-        let tmp = p.with_extension("json.tmp");
-        if std::fs::write(&tmp, serde_json::to_vec_pretty(&s).expect("serialises")).is_ok() {
-            let _ = std::fs::rename(&tmp, &p);
+        let bytes = serde_json::to_vec_pretty(&s).expect("serialises");
+        if let Err(e) = crate::util::fsx::write_atomic(&p, &bytes) {
+            tracing::warn!("cannot save the job state to {}: {e}", p.display());
         }
     }
 

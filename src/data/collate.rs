@@ -17,8 +17,7 @@ use tch::{Kind, Tensor};
 
 use super::pipeline::Example;
 
-/// Hugging Face's ignore index.
-pub const IGNORE: i64 = -100;
+pub use crate::model::{IGNORE, SEG_CHOSEN, SEG_PAD, SEG_PROMPT, SEG_REJECTED};
 
 #[derive(Debug)]
 pub struct Batch {
@@ -38,12 +37,6 @@ pub struct Batch {
     /// The shared-prefix layout the forward pass runs, when collated with `shared_prefix`.
     pub packed: Option<Packed>,
 }
-
-/// Segment ids of [`Packed::segments`].
-pub const SEG_PROMPT: i64 = 0;
-pub const SEG_CHOSEN: i64 = 1;
-pub const SEG_REJECTED: i64 = 2;
-pub const SEG_PAD: i64 = 3;
 
 /// One sequence per pair, `[prompt | chosen | rejected]`, right-padded to L: the image and the prompt are
 /// encoded once instead of twice. Under the mask the model builds from `segments`, a response token sees

@@ -1,9 +1,9 @@
-//! The DDPO changed-segment diff (RLHF-V `get_diff_ids`, DESIGN.md §1).
+//! The DDPO changed-segment diff (RLHF-V `get_diff_ids`, docs/algorithm.md).
 //!
 //! Which tokens get weight γ is decided by Python's `difflib.SequenceMatcher(None, rejected, chosen)`, so the
 //! matcher here is an exact port of it — longest-match tie-breaking and autojunk included — rather than a
 //! "better" diff: a different (even if equally minimal) alignment marks different tokens and changes the loss.
-//! `tests/diff_oracle.rs` checks it against CPython's own difflib on thousands of cases.
+//! `tests/it/diff_oracle.rs` checks it against CPython's own difflib on thousands of cases.
 
 use std::collections::HashMap;
 

@@ -16,6 +16,12 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
+use crate::config::Config;
+
+/// Training steps of micro-batches the background data feed prepares ahead of the step (a bounded queue;
+/// counted by the memory plan).
+pub const FEED_DEPTH: usize = 2;
+
 /// One bad row: shard path, row number and why. Skippable (`data.on_bad_row = "skip"`) or fatal.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{}: row {row}: {reason}", shard.display())]
@@ -39,4 +45,62 @@ pub enum DataError {
     /// Model-side inputs of the pipeline (tokenizer, processor config).
     #[error("{}: {reason}", path.display())]
     Model { path: PathBuf, reason: String },
+}
+
+/// Checks that the files a job needs exist: the model directory and at least one shard per data pattern.
+pub fn check_files(cfg: &Config) -> Vec<String> {
+    let mut p = Vec::new();
+    if !cfg.model.path.is_dir() {
+        p.push(format!(
+            "model.path = {}: no such directory",
+            cfg.model.path.display()
+        ));
+    }
+    if let Some(r) = &cfg.reference.path {
+        if !r.is_dir() {
+            p.push(format!(
+                "reference.path = {}: no such directory",
+                r.display()
+            ));
+        }
+    }
+    for (key, pats) in [
+        ("data.train", &cfg.data.train),
+        ("data.eval", &cfg.data.eval),
+    ] {
+        for pat in pats.iter() {
+            if let Err(e) = shards::discover(std::slice::from_ref(pat)) {
+                p.push(format!("{key}: {e}"));
+            }
+        }
+    }
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "[model]\npath = \"{d}/m\"\n[data]\ntrain = [\"{d}/d/*.parquet\"]\n[train]\noutput_dir = \"{d}/o\"\n",
+            d = dir.path().display()
+        );
+        let path = dir.path().join("job.toml");
+        std::fs::write(&path, text).unwrap();
+        let c = Config::load_with_env(&path, &[]).unwrap();
+        let p = check_files(&c);
+        assert!(
+            p.iter()
+                .any(|m| m.contains("model.path =") && m.contains("/m: no such directory")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|m| m.contains("data.train") && m.contains("d/*.parquet")),
+            "{p:?}"
+        );
+    }
 }

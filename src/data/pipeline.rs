@@ -52,6 +52,21 @@ pub struct Preprocessor {
 }
 
 impl Preprocessor {
+    /// The tokenizer's `<pad>` id (0 when it has none), what collation pads with.
+    pub fn pad_id(&self) -> u32 {
+        self.text
+            .tokenizer()
+            .token_to_id(super::tokenizer::PAD)
+            .unwrap_or(0)
+    }
+
+    /// The image processor's output (height, width); fixed for every CLIP processor this pipeline builds.
+    pub fn image_hw(&self) -> (usize, usize) {
+        self.image
+            .fixed_output_size()
+            .expect("checked when the preprocessor was built")
+    }
+
     /// Builds from a model directory (config.json, tokenizer.json, preprocessor_config.json) and the job config.
     pub fn from_config(cfg: &Config) -> Result<Self, DataError> {
         Self::from_model_dir(

@@ -22,7 +22,7 @@ use parquet::arrow::ProjectionMask;
 
 use super::{DataError, RowError};
 
-/// The column layouts ddpo reads (DESIGN.md §2).
+/// The column layouts ddpo reads (docs/formats.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
     /// openbmb/RLHF-V-Dataset: `text` holds JSON {"question","chosen","rejected"}; `idx` int64.

@@ -31,7 +31,7 @@ const LLAVA_SYSTEM: &str =
 The assistant gives helpful, detailed, and polite answers to the human's questions.";
 
 impl Template {
-    pub const NAMES: &'static [&'static str] = &["llava_v1", "llava_hf"];
+    pub const NAMES: &'static [&'static str] = crate::config::TEMPLATE_NAMES;
 
     pub fn from_name(name: &str) -> Option<Self> {
         match name {

@@ -1,4 +1,4 @@
-//! The DDPO objective (DESIGN.md §1): per-token weights from the changed segments, weighted scores, the
+//! The DDPO objective (docs/algorithm.md): per-token weights from the changed segments, weighted scores, the
 //! preference loss and its variants, and the metrics users of other DPO trainers know.
 //!
 //! Invariants:
@@ -12,33 +12,6 @@ use tch::{Kind, Tensor};
 
 use crate::config::{DdpoConfig, LossKind, Score};
 use crate::data::collate::{Batch, IGNORE};
-use crate::model::llava::Llava;
-
-/// `[2B, T]` fp32 log-probs of the label tokens under `model` (0 off labels); rows `[chosen; rejected]`.
-/// Each pair's image is encoded once; with the batch's shared-prefix layout its prompt too.
-pub fn batch_logps(model: &Llava, batch: &Batch) -> Tensor {
-    if let Some(p) = &batch.packed {
-        let h = model.hidden_packed(p, &batch.pixel_values);
-        let d = h.size()[2];
-        let lp = model.logps_at(
-            &h.view([-1, d]),
-            &p.pred_index,
-            &p.targets,
-            crate::model::llava::LOGPROB_CHUNK,
-        );
-        let (rows, t) = batch.labels.size2().expect("[2B, T] labels");
-        return Tensor::zeros([rows * t], (Kind::Float, lp.device()))
-            .index_put(&[Some(p.out_index.shallow_clone())], &lp, false)
-            .view([rows, t]);
-    }
-    let h = model.hidden(
-        &batch.input_ids,
-        &batch.attention_mask,
-        &batch.pixel_values,
-        Some(&batch.image_rows),
-    );
-    model.response_logps(&h, &batch.labels)
-}
 
 /// Per-row scores `[2B]`: S = Σ w·ℓ / Σ w (mean) or Σ w·ℓ (sum), w = γ on changed tokens, 1 elsewhere,
 /// 0 off labels.
@@ -256,7 +229,7 @@ mod tests {
         }
     }
 
-    /// Hand-computed DDPO numbers for one pair, against the formula of DESIGN.md §1.
+    /// Hand-computed DDPO numbers for one pair, against the formula of docs/algorithm.md.
     #[test]
     fn scores_and_losses_follow_the_formula() {
         let e = ex(

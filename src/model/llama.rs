@@ -337,7 +337,7 @@ impl Llama {
         segments: &Tensor,
         positions: &Tensor,
     ) -> Tensor {
-        use crate::data::collate::{SEG_PAD, SEG_PROMPT};
+        use super::{SEG_PAD, SEG_PROMPT};
         let (b, l, _) = embeds.size3().expect("[batch, seq, hidden]");
         let device = embeds.device();
         // Positions never exceed L − 1 (a response is numbered from the prompt's end), so a table of L

@@ -14,7 +14,7 @@ use tch::{Kind, Tensor};
 use super::clip::{Activation, ClipVision};
 use super::config::LlavaConfig;
 use super::llama::Llama;
-use crate::data::collate::{Packed, IGNORE};
+use super::IGNORE;
 
 #[derive(Debug)]
 pub struct Llava {
@@ -35,6 +35,7 @@ pub const LOGPROB_CHUNK: i64 = 1024;
 impl Llava {
     /// Builds the model's variables under `root` (random init; load a checkpoint over them).
     pub fn new(root: &nn::Path, config: &LlavaConfig) -> Result<Self, String> {
+        crate::util::numerics::warm_up();
         let v = &config.vision_config;
         let t = &config.text_config;
         if !matches!(
@@ -193,11 +194,18 @@ impl Llava {
         self.llama.forward_embeds(&e, attention_mask)
     }
 
-    /// LoRA adapters on the decoder's projections, their variables created under `root` (a separate
+    /// LoRA adapters of `rank` (update scaled by `alpha / rank`, `dropout` on their input while training) on
+    /// the decoder projections named in `targets`, their variables created under `root` (a separate
     /// `VarStore`, so the base model's loading and saving never see them). See [`Llama::add_lora`].
-    pub fn add_lora(&mut self, root: &nn::Path, cfg: &crate::config::LoraConfig) {
-        self.llama
-            .add_lora(root, cfg.rank, cfg.alpha, cfg.dropout, &cfg.target_modules);
+    pub fn add_lora(
+        &mut self,
+        root: &nn::Path,
+        rank: usize,
+        alpha: f64,
+        dropout: f64,
+        targets: &[String],
+    ) {
+        self.llama.add_lora(root, rank, alpha, dropout, targets);
     }
 
     /// Turns LoRA dropout on (the policy's training forward) or off (evaluation, reference; the default).
@@ -205,11 +213,17 @@ impl Llava {
         self.llama.set_lora_training(on);
     }
 
-    /// Final hidden states `[B, L, D]` of a batch's shared-prefix layout (one image per row).
-    pub fn hidden_packed(&self, packed: &Packed, pixel_values: &Tensor) -> Tensor {
-        let e = self.embed(&packed.input_ids, pixel_values, None);
-        self.llama
-            .forward_segmented(&e, &packed.segments, &packed.positions)
+    /// Final hidden states `[B, L, D]` of the shared-prefix layout (one image per row): `input_ids`,
+    /// `segments` (`SEG_*`) and rotary `positions`, all `[B, L]`.
+    pub fn hidden_packed(
+        &self,
+        input_ids: &Tensor,
+        segments: &Tensor,
+        positions: &Tensor,
+        pixel_values: &Tensor,
+    ) -> Tensor {
+        let e = self.embed(input_ids, pixel_values, None);
+        self.llama.forward_segmented(&e, segments, positions)
     }
 
     /// Full logits `[B, T, V]` (for tests and small inputs; training uses [`Llava::response_logps`]).

@@ -5,11 +5,20 @@ pub mod clip;
 pub mod config;
 pub mod llama;
 pub mod llava;
-pub mod preset;
 pub mod weights;
 
+/// Hugging Face's ignore index: a label position with this value has no log-prob.
+pub const IGNORE: i64 = -100;
+
+/// Segment ids of the shared-prefix layout (`Llava::hidden_packed`): a token sees the prompt and the earlier
+/// tokens of its own segment, never another response; padding is never a key.
+pub const SEG_PROMPT: i64 = 0;
+pub const SEG_CHOSEN: i64 = 1;
+pub const SEG_REJECTED: i64 = 2;
+pub const SEG_PAD: i64 = 3;
+
 /// Serialises the code that draws from libtorch's process-wide generator: variable creation (initial values)
-/// and the trainer's seeded LoRA-dropout forward. `preset::init_model` seeds it and must see its own draws in
+/// and the trainer's seeded LoRA-dropout forward. `crate::preset::init_model` seeds it and must see its own draws in
 /// order, so a model loaded (or adapters attached) on another thread meanwhile — tests, a worker's
 /// precompute beside its trainer — cannot change which random model a seed gives.
 pub fn global_rng_lock() -> std::sync::MutexGuard<'static, ()> {

@@ -6,6 +6,7 @@
 //! unexpected or mis-shaped tensor fails naming it; a saved directory is complete or absent (written to a
 //! temporary folder, then renamed).
 
+use crate::util::fsx;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -179,23 +180,21 @@ pub fn save(
     };
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| err(parent, e.to_string()))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "checkpoint".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let tmp = fsx::temp_sibling(dir);
     std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp, e.to_string()))?;
-    write_safetensors(vs, &tmp.join("model.safetensors"), dtype)?;
-    for (file, bytes) in extra {
-        let p = tmp.join(file);
-        std::fs::write(&p, bytes).map_err(|e| err(&p, e.to_string()))?;
+    let result = (|| {
+        write_safetensors(vs, &tmp.join("model.safetensors"), dtype)?;
+        for (file, bytes) in extra {
+            let p = tmp.join(file);
+            std::fs::write(&p, bytes).map_err(|e| err(&p, e.to_string()))?;
+        }
+        fsx::sync_tree(&tmp).map_err(|e| err(&tmp, format!("syncing to disk: {e}")))?;
+        fsx::commit(&tmp, dir).map_err(|e| err(dir, e.to_string()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| err(dir, e.to_string()))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| err(dir, e.to_string()))?;
-    Ok(())
+    result
 }
 
 /// Writes every variable of `vs` to one safetensors file (llava-hf names, sorted) in `dtype`.

@@ -6,6 +6,7 @@
 //! a failed write removes its temporary folder and leaves older checkpoints untouched; pruning keeps the
 //! newest `keep_last` and runs only after a new checkpoint is complete.
 
+use crate::util::fsx;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -78,12 +79,7 @@ pub fn save(
         reason,
     };
     std::fs::create_dir_all(output_dir).map_err(|e| err(output_dir, e.to_string()))?;
-    let tmp = output_dir.join(format!(
-        ".checkpoint-{}.tmp-{}",
-        state.step,
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
+    let tmp = fsx::temp_sibling(&dir);
     let result = (|| -> Result<(), CheckpointError> {
         std::fs::create_dir_all(&tmp).map_err(|e| err(&tmp, e.to_string()))?;
         crate::model::weights::write_safetensors(vs, &tmp.join("model.safetensors"), Kind::Float)
@@ -113,12 +109,8 @@ pub fn save(
             .map_err(|e| err(&tmp, e.to_string()))?;
         // On disk before the rename makes the folder visible: a power loss or node crash after the rename
         // must not leave a complete-looking checkpoint with truncated files.
-        sync_tree(&tmp).map_err(|e| err(&tmp, format!("syncing to disk: {e}")))?;
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| err(&dir, e.to_string()))?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(|e| err(&dir, e.to_string()))?;
-        sync_dir(output_dir).map_err(|e| err(output_dir, format!("syncing to disk: {e}")))
+        fsx::sync_tree(&tmp).map_err(|e| err(&tmp, format!("syncing to disk: {e}")))?;
+        fsx::commit(&tmp, &dir).map_err(|e| err(&dir, e.to_string()))
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -126,25 +118,6 @@ pub fn save(
     }
     prune(output_dir, keep_last);
     Ok(dir)
-}
-
-/// fsync of every file below `dir` and of the folders themselves.
-fn sync_tree(dir: &Path) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_file() {
-            std::fs::File::open(entry.path())?.sync_all()?;
-        } else if kind.is_dir() {
-            sync_tree(&entry.path())?;
-        }
-    }
-    sync_dir(dir)
-}
-
-/// fsync of a directory (its entries: the files created or renamed in it).
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Removes temporary checkpoint folders left by crashed runs (`.checkpoint-<step>.tmp-<pid>`), which are

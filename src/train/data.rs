@@ -22,6 +22,7 @@ use crate::data::pipeline::{Example, ExampleStream, Preprocessor};
 use crate::data::reader::{RawPair, ShardReader};
 use crate::data::{DataError, RowError};
 use crate::refcache::{self, CachedPair, RefCache};
+use crate::util::prng::SplitMix;
 
 use super::TrainError;
 
@@ -231,10 +232,7 @@ pub struct Feed {
 impl Feed {
     pub fn start(mut src: PairSource, plan: FeedPlan, depth: usize) -> Result<Feed, TrainError> {
         let (tx, rx) = sync_channel(depth.max(1));
-        let (pad, hw) = (
-            super::pad_id(src.preprocessor()),
-            super::image_hw(src.preprocessor()),
-        );
+        let (pad, hw) = (src.preprocessor().pad_id(), src.preprocessor().image_hw());
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::Builder::new()
@@ -317,35 +315,6 @@ impl Drop for Feed {
         drop(self.rx.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
-        }
-    }
-}
-
-/// splitmix64: a tiny, well-mixed PRNG whose output never changes with crate versions.
-#[derive(Debug, Clone)]
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n (n > 0), by rejection so there is no modulo bias.
-    pub fn below(&mut self, n: u64) -> u64 {
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let x = self.next_u64();
-            if x < zone {
-                return x % n;
-            }
         }
     }
 }

@@ -34,7 +34,8 @@ pub fn attach(
     let mut lvs = nn::VarStore::new(device);
     {
         let _rng = crate::model::global_rng_lock();
-        model.add_lora(&lvs.root(), &cfg.lora);
+        let l = &cfg.lora;
+        model.add_lora(&lvs.root(), l.rank, l.alpha, l.dropout, &l.target_modules);
     }
     // The same initial adapters on every rank and in every run of the job: A drawn from the project's own
     // PRNG (seeded by train.seed and the variable's name), not libtorch's global generator, which other
@@ -46,7 +47,7 @@ pub fn attach(
             }
             let (r, inp) = v.size2().expect("[r, in]");
             let bound = 1.0 / (inp as f64).sqrt();
-            let mut rng = super::data::SplitMix::new(
+            let mut rng = crate::util::prng::SplitMix::new(
                 cfg.train.seed
                     ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
                         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Oracle for tests/image_oracle.rs's live sweep: runs transformers' slow CLIPImageProcessor (+ LLaVA's
+"""Oracle for tests/it/image_oracle.rs's live sweep: runs transformers' slow CLIPImageProcessor (+ LLaVA's
 expand2square) on images the Rust test wrote.
 
 Usage: clip_image_oracle.py DIR

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Oracle for src/data/diff.rs: CPython's own difflib plus the DDPO changed-segment rule (DESIGN.md §1).
+"""Oracle for src/data/diff.rs: CPython's own difflib plus the DDPO changed-segment rule (docs/algorithm.md).
 
 stdin:  JSON lines {"a": [...], "b": [...], "min_match": k}   (a = rejected ids, b = chosen ids)
 stdout: JSON lines {"blocks": [[i, j, n], ...], "chosen": [0/1, ...], "rejected": [0/1, ...]}

@@ -1,0 +1,77 @@
+//! A `Precompute` task: one leased shard's reference log-probs into the cache, then `CompleteShard`.
+
+use std::path::{Path, PathBuf};
+
+use super::session::Session;
+use super::WorkerError;
+use crate::config::Config;
+use crate::data::pipeline::Preprocessor;
+use crate::model::llava::Llava;
+use crate::refcache::{self, ComputeOptions, RefCache};
+use crate::rpc::pb;
+
+/// The reference model, kept loaded between shards.
+pub(super) type Reference = Option<(tch::nn::VarStore, Llava)>;
+
+pub(super) async fn handle(s: &mut Session, task: pb::Precompute) -> Result<(), WorkerError> {
+    s.shared.set_state("precomputing");
+    let shard = PathBuf::from(&task.shard_path);
+    let (cfg, device) = (s.cfg.clone(), s.opts.device);
+    let mut model = s.reference.take();
+    let (model, outcome) = tokio::task::spawn_blocking(move || {
+        let r = precompute_shard(&cfg, &shard, device, &mut model);
+        (model, r)
+    })
+    .await
+    .map_err(|e| WorkerError::Setup(format!("precompute thread: {e}")))?;
+    s.reference = model;
+    let (rows_written, rows_skipped, error) = match outcome {
+        Ok((w, k)) => (w, k, String::new()),
+        Err(e) => (0, 0, e),
+    };
+    let req = pb::CompleteShardRequest {
+        worker_id: s.id.clone(),
+        shard_path: task.shard_path.clone(),
+        rows_written,
+        rows_skipped,
+        error,
+    };
+    if let Err(st) = s.client.complete_shard(req).await {
+        tracing::warn!("shard {} not accepted: {}", task.shard_path, st.message());
+    }
+    s.shared.set_state("idle");
+    Ok(())
+}
+
+/// Computes one shard's cache file (unless it is already valid), loading the reference model on first use.
+fn precompute_shard(
+    cfg: &Config,
+    shard: &Path,
+    device: tch::Device,
+    model: &mut Reference,
+) -> Result<(u64, u64), String> {
+    let cache = RefCache::open_for_device(cfg, device).map_err(|e| e.to_string())?;
+    let missing = cache
+        .missing_shards(&[shard.to_owned()])
+        .map_err(|e| e.to_string())?;
+    if missing.is_empty() {
+        return Ok((0, 0));
+    }
+    if model.is_none() {
+        let kind = refcache::reference_kind(cfg, device);
+        *model = Some(Llava::load(cfg.reference_path(), device, kind)?);
+    }
+    let (_, m) = model.as_ref().expect("loaded");
+    let pre = Preprocessor::from_model_dir(
+        cfg.reference_path(),
+        &cfg.data.template,
+        cfg.data.max_length,
+        cfg.data.pad_to_square,
+        cfg.ddpo.min_match,
+    )
+    .map_err(|e| e.to_string())?;
+    let r = cache
+        .compute_shard(m, &pre, shard, &ComputeOptions::from_config(cfg, device))
+        .map_err(|e| e.to_string())?;
+    Ok((r.rows_written, r.rows_skipped))
+}
