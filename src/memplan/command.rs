@@ -165,11 +165,11 @@ fn plan_device(a: &PlanArgs) -> Result<tch::Device, PlanError> {
     })
 }
 
+/// Base inputs (one per model), world sizes, ZeRO stages.
+type Bases = (Vec<PlanInput>, Vec<usize>, Vec<u8>);
+
 /// One base input per model (from the config or the presets), and the world sizes and stages it implies.
-fn base_inputs(
-    a: &PlanArgs,
-    device: tch::Device,
-) -> Result<(Vec<PlanInput>, Vec<usize>, Vec<u8>), PlanError> {
+fn base_inputs(a: &PlanArgs, device: tch::Device) -> Result<Bases, PlanError> {
     let plan_device = PlanDevice::of(device);
     // One base input per model, from the config or the preset.
     let mut bases: Vec<PlanInput> = Vec::new();

@@ -153,7 +153,7 @@ fn open_sources(
                 refcache::precompute(cfg, device)?;
             }
             let t = PairSource::cached(train_shards, pre.clone(), &cache)?;
-            let e = eval_split(&|s, p| Ok(PairSource::cached(s, p, &cache)?))?;
+            let e = eval_split(&|s, p| PairSource::cached(s, p, &cache))?;
             Ok((t, e, None))
         }
         ReferenceMode::Online => {
@@ -167,7 +167,7 @@ fn open_sources(
                 let _ = t.requires_grad_(false);
             });
             let t = PairSource::online(train_shards, pre.clone(), cfg.data.on_bad_row)?;
-            let e = eval_split(&|s, p| Ok(PairSource::online(s, p, cfg.data.on_bad_row)?))?;
+            let e = eval_split(&|s, p| PairSource::online(s, p, cfg.data.on_bad_row))?;
             Ok((t, e, Some((rvs, rm))))
         }
     }

@@ -17,7 +17,10 @@ static WARM: Once = Once::new();
 
 /// The unary ops ATen hands to MKL VML (`aten/src/ATen/cpu/vml.h`, `IMPLEMENT_VML_MKL`) plus `log`'s own VML
 /// path, each in fp32 and fp64 (separate MKL functions).
-const VML_OPS: &[(&str, fn(&Tensor) -> Tensor)] = &[
+/// A unary tensor op.
+type UnaryOp = fn(&Tensor) -> Tensor;
+
+const VML_OPS: &[(&str, UnaryOp)] = &[
     ("acos", Tensor::acos),
     ("asin", Tensor::asin),
     ("atan", Tensor::atan),
@@ -84,7 +87,8 @@ mod tests {
         assert!(is_warm());
         let host: Vec<f32> = (0..200_000).map(|i| 0.001 + i as f32 * 0.0173).collect();
         let x = Tensor::from_slice(&host);
-        let checks: [(&str, fn(&Tensor) -> Tensor, fn(f64) -> f64); 4] = [
+        type Exact = fn(f64) -> f64;
+        let checks: [(&str, UnaryOp, Exact); 4] = [
             ("cos", Tensor::cos, f64::cos),
             ("sin", Tensor::sin, f64::sin),
             ("sqrt", Tensor::sqrt, f64::sqrt),
