@@ -210,12 +210,12 @@ fn status_json(s: &ddpo::rpc::pb::JobStatus) -> serde_json::Value {
         .iter()
         .map(|w| {
             serde_json::json!({"worker_id": w.worker_id, "hostname": w.hostname, "device": w.device,
-                "state": w.state, "rank": w.rank, "alive": w.alive, "pid": w.pid,
+                "state": w.state().name(), "rank": w.rank, "alive": w.alive, "pid": w.pid,
                 "seconds_since_heartbeat": w.seconds_since_heartbeat})
         })
         .collect();
     let metrics: std::collections::BTreeMap<_, _> = s.metrics.iter().collect();
-    serde_json::json!({"job_id": s.job_id, "phase": s.phase, "generation": s.generation,
+    serde_json::json!({"job_id": s.job_id, "phase": s.phase().name(), "generation": s.generation,
         "world_size": s.world_size, "workers": workers, "step": s.step, "total_steps": s.total_steps,
         "epoch": s.epoch, "metrics": metrics, "samples_per_sec": s.samples_per_sec, "eta_secs": s.eta_secs,
         "shards_done": s.shards_done, "shards_total": s.shards_total, "last_checkpoint": s.last_checkpoint,
@@ -227,7 +227,7 @@ fn status_table(s: &ddpo::rpc::pb::JobStatus) -> String {
         "job {}  phase {}  generation {}  world {}\n{}\nstep {}/{}  epoch {:.2}  {:.2} pairs/s  ETA {:.0} s\n\
          precompute {}/{} shards  skipped rows {}  last checkpoint {}\n",
         s.job_id,
-        s.phase,
+        s.phase().name(),
         s.generation,
         s.world_size,
         s.message,
@@ -255,7 +255,7 @@ fn status_table(s: &ddpo::rpc::pb::JobStatus) -> String {
             } else {
                 w.rank.to_string()
             },
-            w.state,
+            w.state().name(),
             if w.alive { "yes" } else { "no" },
             w.seconds_since_heartbeat
         );

@@ -12,16 +12,17 @@
 //! - Requests from unknown workers, from workers of an older generation, or for a finished job are refused
 //!   with a gRPC status that says why; they never change the job.
 
+mod service;
 pub mod state;
+pub mod types;
+
+pub use service::Service;
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::Stream;
-use tonic::{Request, Response, Status};
 
 use crate::config::Config;
 use crate::rpc::pb;
@@ -38,122 +39,6 @@ pub enum CoordinatorError {
     Serve(#[from] tonic::transport::Error),
     #[error("{0}")]
     Setup(String),
-}
-
-/// The gRPC service over the shared job state.
-#[derive(Clone)]
-pub struct Service {
-    job: Arc<Mutex<Job>>,
-}
-
-impl Service {
-    pub fn new(job: Arc<Mutex<Job>>) -> Self {
-        Self { job }
-    }
-
-    fn job(&self) -> std::sync::MutexGuard<'_, Job> {
-        self.job.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl pb::coordinator_server::Coordinator for Service {
-    async fn register(
-        &self,
-        req: Request<pb::RegisterRequest>,
-    ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let r = req.into_inner();
-        let resp = self.job().register(r)?;
-        Ok(Response::new(resp))
-    }
-
-    async fn ready(
-        &self,
-        req: Request<pb::ReadyRequest>,
-    ) -> Result<Response<pb::ReadyResponse>, Status> {
-        let r = req.into_inner();
-        self.job().ready(&r.worker_id, &r.model_digest)?;
-        Ok(Response::new(pb::ReadyResponse {}))
-    }
-
-    async fn heartbeat(
-        &self,
-        req: Request<pb::HeartbeatRequest>,
-    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let resp = self.job().heartbeat(req.into_inner())?;
-        Ok(Response::new(resp))
-    }
-
-    async fn next_task(
-        &self,
-        req: Request<pb::NextTaskRequest>,
-    ) -> Result<Response<pb::Task>, Status> {
-        let r = req.into_inner();
-        let task = self.job().next_task(&r.worker_id, &r.ring_address)?;
-        Ok(Response::new(task))
-    }
-
-    async fn complete_shard(
-        &self,
-        req: Request<pb::CompleteShardRequest>,
-    ) -> Result<Response<pb::CompleteShardResponse>, Status> {
-        self.job().complete_shard(req.into_inner())?;
-        Ok(Response::new(pb::CompleteShardResponse {}))
-    }
-
-    async fn publish_nccl_id(
-        &self,
-        req: Request<pb::PublishNcclIdRequest>,
-    ) -> Result<Response<pb::PublishNcclIdResponse>, Status> {
-        let r = req.into_inner();
-        self.job()
-            .publish_nccl_id(&r.worker_id, r.generation, r.nccl_id)?;
-        Ok(Response::new(pb::PublishNcclIdResponse {}))
-    }
-
-    async fn training_ended(
-        &self,
-        req: Request<pb::TrainingEndedRequest>,
-    ) -> Result<Response<pb::TrainingEndedResponse>, Status> {
-        self.job().training_ended(req.into_inner())?;
-        Ok(Response::new(pb::TrainingEndedResponse {}))
-    }
-
-    async fn get_status(
-        &self,
-        _req: Request<pb::GetStatusRequest>,
-    ) -> Result<Response<pb::JobStatus>, Status> {
-        Ok(Response::new(self.job().status()))
-    }
-
-    type WatchStatusStream = StatusStream;
-
-    async fn watch_status(
-        &self,
-        req: Request<pb::WatchStatusRequest>,
-    ) -> Result<Response<Self::WatchStatusStream>, Status> {
-        let every =
-            Duration::from_millis(u64::from(req.into_inner().interval_millis).clamp(100, 60_000));
-        let job = self.job.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            loop {
-                let (status, over) = {
-                    let j = job.lock().unwrap_or_else(|p| p.into_inner());
-                    (j.status(), j.is_over())
-                };
-                if tx.send(Ok(status)).await.is_err() || over {
-                    break;
-                }
-                tokio::time::sleep(every).await;
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
-    }
 }
 
 /// Serves the job on `listener` until the job is over (and a grace period for workers to collect their

@@ -6,11 +6,13 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tonic::Status;
 
+use super::types::{
+    Beat, BeatReply, JobError, JobStatus, Joined, Registration, ShardDone, Task, TrainTask,
+    TrainingEnd, WorkerState, WorkerStatus, WorldBackend,
+};
 use crate::config::{Backend, Config};
 use crate::data::shards;
-use crate::rpc::pb;
 
 /// How many times a broken world is re-formed before the job is declared failed.
 const MAX_GENERATIONS: u64 = 20;
@@ -30,7 +32,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Phase::Waiting => "waiting",
             Phase::Precompute => "precompute",
@@ -51,7 +53,7 @@ struct Worker {
     last_heartbeat: Instant,
     alive: bool,
     ready: bool,
-    state: String,
+    state: WorkerState,
     step: u64,
     lease: Option<PathBuf>,
     /// The generation this worker is a member of, if any.
@@ -70,7 +72,7 @@ struct World {
     /// Ring addresses by rank, fixed when the world forms so every rank sees the same list.
     peers: Vec<String>,
     nccl_id: Vec<u8>,
-    backend: &'static str,
+    backend: WorldBackend,
     finished: HashSet<String>,
 }
 
@@ -232,24 +234,24 @@ impl Job {
         (all_out || t.elapsed() > DRAIN) && t.elapsed() >= linger
     }
 
-    fn worker(&mut self, id: &str) -> Result<&mut Worker, Status> {
+    fn worker(&mut self, id: &str) -> Result<&mut Worker, JobError> {
         if id.is_empty() {
-            return Err(Status::invalid_argument("worker_id is empty"));
+            return Err(JobError::InvalidArgument("worker_id is empty".into()));
         }
         match self.workers.get_mut(id) {
             Some(w) if w.alive => Ok(w),
-            Some(_) => Err(Status::not_found(format!(
+            Some(_) => Err(JobError::NotFound(format!(
                 "worker {id} was declared dead (no heartbeat); register again"
             ))),
-            None => Err(Status::not_found(format!(
+            None => Err(JobError::NotFound(format!(
                 "unknown worker {id}; register first"
             ))),
         }
     }
 
-    pub fn register(&mut self, r: pb::RegisterRequest) -> Result<pb::RegisterResponse, Status> {
+    pub fn register(&mut self, r: Registration) -> Result<Joined, JobError> {
         if self.is_over() {
-            return Err(Status::failed_precondition(format!(
+            return Err(JobError::FailedPrecondition(format!(
                 "job {} is {} ({}); no more workers are needed",
                 self.job_id,
                 self.phase.name(),
@@ -257,7 +259,9 @@ impl Job {
             )));
         }
         if r.hostname.is_empty() || r.device.is_empty() {
-            return Err(Status::invalid_argument("hostname and device are required"));
+            return Err(JobError::InvalidArgument(
+                "hostname and device are required".into(),
+            ));
         }
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -276,7 +280,7 @@ impl Job {
                 last_heartbeat: Instant::now(),
                 alive: true,
                 ready: false,
-                state: "registered".into(),
+                state: WorkerState::Registered,
                 step: 0,
                 lease: None,
                 generation: None,
@@ -284,7 +288,7 @@ impl Job {
                 addr_fresh: true,
             },
         );
-        Ok(pb::RegisterResponse {
+        Ok(Joined {
             worker_id: id,
             job_id: self.job_id.clone(),
             config_toml: self.config_toml.clone(),
@@ -292,7 +296,7 @@ impl Job {
         })
     }
 
-    pub fn ready(&mut self, id: &str, digest: &str) -> Result<(), Status> {
+    pub fn ready(&mut self, id: &str, digest: &str) -> Result<(), JobError> {
         let expected = self.model_digest.clone();
         let w = self.worker(id)?;
         if digest != expected {
@@ -303,19 +307,19 @@ impl Job {
                 &expected[..12]
             );
             self.error(msg.clone());
-            return Err(Status::failed_precondition(msg));
+            return Err(JobError::FailedPrecondition(msg));
         }
         w.ready = true;
-        w.state = "ready".into();
+        w.state = WorkerState::Ready;
         Ok(())
     }
 
-    pub fn heartbeat(&mut self, r: pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, Status> {
+    pub fn heartbeat(&mut self, r: Beat) -> Result<BeatReply, JobError> {
         let over = self.is_over();
         let w = self.worker(&r.worker_id)?;
         w.last_heartbeat = Instant::now();
         // A worker that says it is leaving (SIGTERM) is not given work or a place in a world again.
-        let leaving = r.state == "exited" && !w.exited;
+        let leaving = r.state == WorkerState::Exited && !w.exited;
         if leaving {
             w.exited = true;
         }
@@ -351,22 +355,20 @@ impl Job {
             let msg = format!("{}: {e}", r.worker_id);
             self.error(msg);
         }
-        Ok(pb::HeartbeatResponse {
+        Ok(BeatReply {
             generation: self.generation,
             abort,
         })
     }
 
-    fn wait(millis: u32, reason: &str) -> pb::Task {
-        pb::Task {
-            kind: Some(pb::task::Kind::Wait(pb::Wait {
-                millis,
-                reason: reason.into(),
-            })),
+    fn wait(millis: u32, reason: &str) -> Task {
+        Task::Wait {
+            millis,
+            reason: reason.into(),
         }
     }
 
-    pub fn next_task(&mut self, id: &str, ring_address: &str) -> Result<pb::Task, Status> {
+    pub fn next_task(&mut self, id: &str, ring_address: &str) -> Result<Task, JobError> {
         let phase = self.phase;
         let message = self.message.clone();
         let w = self.worker(id)?;
@@ -377,17 +379,15 @@ impl Job {
             w.addr_fresh = true;
         }
         if !w.ready {
-            return Err(Status::failed_precondition(format!(
+            return Err(JobError::FailedPrecondition(format!(
                 "worker {id} has not reported Ready"
             )));
         }
         if matches!(phase, Phase::Done | Phase::Failed) {
             w.exited = true;
-            return Ok(pb::Task {
-                kind: Some(pb::task::Kind::Exit(pb::Exit {
-                    reason: message,
-                    success: phase == Phase::Done,
-                })),
+            return Ok(Task::Exit {
+                reason: message,
+                success: phase == Phase::Done,
             });
         }
         // A worker asking for work holds no lease and is not training (it may join the current world
@@ -405,13 +405,9 @@ impl Job {
             if let Some(shard) = self.pending.pop_front() {
                 let w = self.workers.get_mut(id).expect("checked");
                 w.lease = Some(shard.clone());
-                w.state = "precomputing".into();
+                w.state = WorkerState::Precomputing;
                 self.leased.insert(shard.clone(), id.to_string());
-                return Ok(pb::Task {
-                    kind: Some(pb::task::Kind::Precompute(pb::Precompute {
-                        shard_path: shard.display().to_string(),
-                    })),
-                });
+                return Ok(Task::Precompute { shard });
             }
             if !self.leased.is_empty() {
                 return Ok(Self::wait(500, "other workers are finishing precompute"));
@@ -432,19 +428,16 @@ impl Job {
                     }
                 }
                 w.generation = Some(world.generation);
-                w.state = "training".into();
+                w.state = WorkerState::Training;
                 w.addr_fresh = false;
-                let peers = world.peers.clone();
-                return Ok(pb::Task {
-                    kind: Some(pb::task::Kind::Train(pb::Train {
-                        generation: world.generation,
-                        rank: rank as u32,
-                        world_size: world.members.len() as u32,
-                        ring_peers: peers,
-                        nccl_id: world.nccl_id.clone(),
-                        backend: world.backend.into(),
-                    })),
-                });
+                return Ok(Task::Train(TrainTask {
+                    generation: world.generation,
+                    rank: rank as u32,
+                    world_size: world.members.len() as u32,
+                    peers: world.peers.clone(),
+                    nccl_id: world.nccl_id.clone(),
+                    backend: world.backend,
+                }));
             }
             return Ok(Self::wait(
                 1000,
@@ -484,16 +477,16 @@ impl Job {
         let members: Vec<String> = ready.into_iter().take(n).map(|(_, k)| k).collect();
         let cuda = self.workers[&members[0]].device.starts_with("cuda");
         let backend = match (self.cfg.cluster.backend, n) {
-            (_, 1) => "local",
-            (Backend::Nccl, _) => "nccl",
-            (Backend::Ring, _) => "ring",
-            (Backend::Auto, _) if cuda => "nccl",
-            (Backend::Auto, _) => "ring",
+            (_, 1) => WorldBackend::Local,
+            (Backend::Nccl, _) => WorldBackend::Nccl,
+            (Backend::Ring, _) => WorldBackend::Ring,
+            (Backend::Auto, _) if cuda => WorldBackend::Nccl,
+            (Backend::Auto, _) => WorldBackend::Ring,
         };
         tracing::info!(
             generation = self.generation,
             ?members,
-            backend,
+            ?backend,
             "training world formed"
         );
         let peers = members
@@ -513,22 +506,24 @@ impl Job {
         self.next_task(id, "")
     }
 
-    pub fn complete_shard(&mut self, r: pb::CompleteShardRequest) -> Result<(), Status> {
-        let shard = PathBuf::from(&r.shard_path);
+    pub fn complete_shard(&mut self, r: ShardDone) -> Result<(), JobError> {
+        let shard = r.shard;
         let w = self.worker(&r.worker_id)?;
         if w.lease.as_ref() != Some(&shard) {
-            return Err(Status::failed_precondition(format!(
+            return Err(JobError::FailedPrecondition(format!(
                 "worker {} does not hold a lease on {} (expired?)",
-                r.worker_id, r.shard_path
+                r.worker_id,
+                shard.display()
             )));
         }
         w.lease = None;
-        w.state = "idle".into();
+        w.state = WorkerState::Idle;
         self.leased.remove(&shard);
-        if !r.error.is_empty() {
+        if let Some(error) = r.error {
             let msg = format!(
-                "{}: precompute of {} failed: {}",
-                r.worker_id, r.shard_path, r.error
+                "{}: precompute of {} failed: {error}",
+                r.worker_id,
+                shard.display()
             );
             self.error(msg.clone());
             self.end(Phase::Failed, msg);
@@ -545,22 +540,22 @@ impl Job {
         id: &str,
         generation: u64,
         nccl_id: Vec<u8>,
-    ) -> Result<(), Status> {
+    ) -> Result<(), JobError> {
         self.worker(id)?;
         let world = self
             .world
             .as_mut()
             .filter(|w| w.generation == generation)
             .ok_or_else(|| {
-                Status::failed_precondition(format!("generation {generation} is not current"))
+                JobError::FailedPrecondition(format!("generation {generation} is not current"))
             })?;
         if world.members.first().map(String::as_str) != Some(id) {
-            return Err(Status::permission_denied(format!(
+            return Err(JobError::PermissionDenied(format!(
                 "worker {id} is not rank 0 of generation {generation}; only rank 0 creates the NCCL id"
             )));
         }
         if nccl_id.len() != 128 {
-            return Err(Status::invalid_argument(format!(
+            return Err(JobError::InvalidArgument(format!(
                 "an NCCL unique id has 128 bytes, got {}",
                 nccl_id.len()
             )));
@@ -577,27 +572,27 @@ impl Job {
         }
     }
 
-    pub fn training_ended(&mut self, r: pb::TrainingEndedRequest) -> Result<(), Status> {
+    pub fn training_ended(&mut self, r: TrainingEnd) -> Result<(), JobError> {
         // Whatever the outcome, this worker is no longer training.
         self.worker(&r.worker_id)?.generation = None;
         let Some(world) = self.world.as_mut().filter(|w| w.generation == r.generation) else {
             // A report from an older generation changes nothing.
-            return Err(Status::failed_precondition(format!(
+            return Err(JobError::FailedPrecondition(format!(
                 "generation {} is not current",
                 r.generation
             )));
         };
         if !world.members.contains(&r.worker_id) {
-            return Err(Status::permission_denied(format!(
+            return Err(JobError::PermissionDenied(format!(
                 "worker {} is not a member of generation {}",
                 r.worker_id, r.generation
             )));
         }
-        if !r.last_checkpoint.is_empty() {
-            self.last_checkpoint = r.last_checkpoint.clone();
+        if let Some(c) = &r.last_checkpoint {
+            self.last_checkpoint = c.clone();
         }
-        if !r.error.is_empty() {
-            let why = format!("{} failed: {}", r.worker_id, r.error);
+        if let Some(error) = &r.error {
+            let why = format!("{} failed: {error}", r.worker_id);
             self.break_world(why);
             return Ok(());
         }
@@ -631,7 +626,7 @@ impl Job {
         for id in dead {
             let w = self.workers.get_mut(&id).expect("listed");
             w.alive = false;
-            w.state = "dead".into();
+            w.state = WorkerState::Dead;
             let lease = w.lease.take();
             self.error(format!("worker {id} stopped heartbeating; declared dead"));
             if let Some(s) = lease {
@@ -649,20 +644,19 @@ impl Job {
         }
     }
 
-    pub fn status(&self) -> pb::JobStatus {
+    pub fn status(&self) -> JobStatus {
         let current = self.world.as_ref();
         let workers = self
             .workers
             .iter()
-            .map(|(id, w)| pb::WorkerStatus {
+            .map(|(id, w)| WorkerStatus {
                 worker_id: id.clone(),
                 hostname: w.hostname.clone(),
                 device: w.device.clone(),
-                state: w.state.clone(),
+                state: w.state,
                 rank: current
                     .and_then(|wd| wd.members.iter().position(|m| m == id))
-                    .map(|r| r as i32)
-                    .unwrap_or(-1),
+                    .map(|r| r as u32),
                 seconds_since_heartbeat: w.last_heartbeat.elapsed().as_secs_f64(),
                 alive: w.alive,
                 pid: w.pid,
@@ -675,16 +669,16 @@ impl Job {
         } else {
             0.0
         };
-        pb::JobStatus {
+        JobStatus {
             job_id: self.job_id.clone(),
-            phase: self.phase.name().into(),
+            phase: self.phase,
             generation: self.generation,
             world_size: self.cfg.cluster.world_size as u32,
             workers,
             step: self.step,
             total_steps: self.total_steps,
             epoch: self.metrics.get("epoch").copied().unwrap_or(0.0),
-            metrics: self.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            metrics: self.metrics.clone(),
             samples_per_sec: sps,
             eta_secs: eta,
             shards_done: self.done_shards.len() as u32,

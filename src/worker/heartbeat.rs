@@ -17,7 +17,7 @@ pub(super) struct Shared {
     pub worker_id: Mutex<String>,
     pub generation: AtomicU64,
     pub step: AtomicU64,
-    pub state: Mutex<String>,
+    pub state: Mutex<pb::WorkerState>,
     pub metrics: Mutex<Vec<(String, f64)>>,
     /// Set by a heartbeat answer: the coordinator dissolved this worker's world.
     pub abort: AtomicBool,
@@ -30,8 +30,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub fn set_state(&self, state: &str) {
-        *lock(&self.state) = state.into();
+    pub fn set_state(&self, state: pb::WorkerState) {
+        *lock(&self.state) = state;
     }
 
     pub fn set_worker_id(&self, id: &str) {
@@ -43,7 +43,7 @@ impl Shared {
         pb::HeartbeatRequest {
             worker_id: lock(&self.worker_id).clone(),
             generation: self.generation.load(Ordering::Relaxed),
-            state: lock(&self.state).clone(),
+            state: *lock(&self.state) as i32,
             step: self.step.load(Ordering::Relaxed),
             metrics: lock(&self.metrics).iter().cloned().collect(),
             errors: vec![],

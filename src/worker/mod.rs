@@ -78,7 +78,7 @@ async fn next(s: &mut Session) -> Result<Option<bool>, WorkerError> {
     };
     match kind {
         pb::task::Kind::Wait(w) => {
-            s.shared.set_state("waiting");
+            s.shared.set_state(pb::WorkerState::Waiting);
             tracing::debug!("waiting: {}", w.reason);
             tokio::time::sleep(Duration::from_millis(u64::from(w.millis.max(50)))).await;
         }

@@ -14,7 +14,7 @@ use crate::rpc::pb;
 pub(super) type Reference = Option<(tch::nn::VarStore, Llava)>;
 
 pub(super) async fn handle(s: &mut Session, task: pb::Precompute) -> Result<(), WorkerError> {
-    s.shared.set_state("precomputing");
+    s.shared.set_state(pb::WorkerState::Precomputing);
     let shard = PathBuf::from(&task.shard_path);
     let (cfg, device) = (s.cfg.clone(), s.opts.device);
     let mut model = s.reference.take();
@@ -39,7 +39,7 @@ pub(super) async fn handle(s: &mut Session, task: pb::Precompute) -> Result<(), 
     if let Err(st) = s.client.complete_shard(req).await {
         tracing::warn!("shard {} not accepted: {}", task.shard_path, st.message());
     }
-    s.shared.set_state("idle");
+    s.shared.set_state(pb::WorkerState::Idle);
     Ok(())
 }
 

@@ -95,7 +95,7 @@ impl Session {
     pub async fn say_exited(&mut self) {
         let req = pb::HeartbeatRequest {
             worker_id: self.id.clone(),
-            state: "exited".into(),
+            state: pb::WorkerState::Exited as i32,
             step: self.shared.step.load(std::sync::atomic::Ordering::Relaxed),
             ..Default::default()
         };

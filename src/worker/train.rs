@@ -16,7 +16,7 @@ use crate::train::{TrainOptions, TrainReport};
 
 /// What the training thread needs to join its world.
 struct Membership {
-    backend: String,
+    backend: pb::Backend,
     rank: usize,
     world: usize,
     generation: u64,
@@ -30,7 +30,7 @@ struct Membership {
 /// the communicator id).
 pub(super) async fn handle(s: &mut Session, t: pb::Train) -> Result<bool, WorkerError> {
     s.reference = None; // free the reference model: training reads the cache
-    s.shared.set_state("training");
+    s.shared.set_state(pb::WorkerState::Training);
     s.shared.generation.store(t.generation, Ordering::Relaxed);
     s.shared.abort.store(false, Ordering::Relaxed);
     let Some(nccl_id) = nccl_id(s, &t).await? else {
@@ -44,7 +44,7 @@ pub(super) async fn handle(s: &mut Session, t: pb::Train) -> Result<bool, Worker
         .collect::<Result<Vec<SocketAddr>, _>>()
         .map_err(|e| WorkerError::Setup(format!("bad ring peer address: {e}")))?;
     let member = Membership {
-        backend: t.backend.clone(),
+        backend: t.backend(),
         rank: t.rank as usize,
         world: t.world_size as usize,
         generation: t.generation,
@@ -81,7 +81,7 @@ pub(super) async fn handle(s: &mut Session, t: pb::Train) -> Result<bool, Worker
 
 /// NCCL: rank 0 creates the communicator id and publishes it; the others wait for it (`None`: not yet).
 async fn nccl_id(s: &mut Session, t: &pb::Train) -> Result<Option<Vec<u8>>, WorkerError> {
-    if t.backend != "nccl" || !t.nccl_id.is_empty() {
+    if t.backend() != pb::Backend::Nccl || !t.nccl_id.is_empty() {
         return Ok(Some(t.nccl_id.clone()));
     }
     if t.rank != 0 {
@@ -108,9 +108,9 @@ fn join(
     listener: RingListener,
     abort: &AtomicBool,
 ) -> Result<Box<dyn Collective>, String> {
-    Ok(match m.backend.as_str() {
-        "local" => Box::new(LocalCollective),
-        "ring" => Box::new(
+    Ok(match m.backend {
+        pb::Backend::Local => Box::new(LocalCollective),
+        pb::Backend::Ring => Box::new(
             RingCollective::connect_or_abort(
                 listener,
                 m.rank,
@@ -121,7 +121,7 @@ fn join(
             )
             .map_err(|e| e.to_string())?,
         ),
-        "nccl" => {
+        pb::Backend::Nccl => {
             let id: [u8; 128] = m
                 .nccl_id
                 .as_slice()
@@ -133,7 +133,7 @@ fn join(
                     .map_err(|e| e.to_string())?,
             )
         }
-        other => return Err(format!("backend {other:?} is not available in this worker")),
+        pb::Backend::Unspecified => return Err("the coordinator named no backend".into()),
     })
 }
 
@@ -167,5 +167,5 @@ async fn report(s: &mut Session, generation: u64, outcome: Result<TrainReport, S
     };
     let _ = s.client.training_ended(req).await;
     shared.generation.store(0, Ordering::Relaxed);
-    shared.set_state("idle");
+    shared.set_state(pb::WorkerState::Idle);
 }

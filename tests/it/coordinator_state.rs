@@ -1,10 +1,35 @@
-//! The coordinator's state machine driven directly: leases, world formation, and the requests it must
-//! refuse (a second rank 0, non-members, stale generations) without harming the job.
+//! The coordinator's state machine driven directly, through its own types (no wire types): leases, world
+//! formation, and the requests it must refuse (a second rank 0, non-members, stale generations) without harming
+//! the job.
+
+use std::path::PathBuf;
 
 use ddpo::config::Config;
-use ddpo::coordinator::state::Job;
-use ddpo::rpc::pb;
-use tonic::Code;
+use ddpo::coordinator::state::{Job, Phase};
+use ddpo::coordinator::types::{
+    Beat, JobError, Registration, ShardDone, Task, TrainTask, TrainingEnd, WorkerState,
+};
+
+fn shard_done(worker: &str, shard: &std::path::Path) -> ShardDone {
+    ShardDone {
+        worker_id: worker.into(),
+        shard: shard.to_owned(),
+        rows_written: 0,
+        rows_skipped: 0,
+        error: None,
+    }
+}
+
+fn ended(worker: &str, generation: u64) -> TrainingEnd {
+    TrainingEnd {
+        worker_id: worker.into(),
+        generation,
+        finished: true,
+        error: None,
+        step: 0,
+        last_checkpoint: None,
+    }
+}
 
 fn setup(world: usize) -> (tempfile::TempDir, Config) {
     let dir = tempfile::tempdir().unwrap();
@@ -33,7 +58,7 @@ fn setup(world: usize) -> (tempfile::TempDir, Config) {
 
 fn join(job: &mut Job, cfg: &Config, host: &str) -> String {
     let r = job
-        .register(pb::RegisterRequest {
+        .register(Registration {
             hostname: host.into(),
             device: "cpu".into(),
             ring_address: format!(
@@ -47,12 +72,19 @@ fn join(job: &mut Job, cfg: &Config, host: &str) -> String {
     r.worker_id
 }
 
-fn kind(t: &pb::Task) -> &'static str {
-    match t.kind.as_ref().unwrap() {
-        pb::task::Kind::Wait(_) => "wait",
-        pb::task::Kind::Precompute(_) => "precompute",
-        pb::task::Kind::Train(_) => "train",
-        pb::task::Kind::Exit(_) => "exit",
+fn kind(t: &Task) -> &'static str {
+    match t {
+        Task::Wait { .. } => "wait",
+        Task::Precompute { .. } => "precompute",
+        Task::Train(_) => "train",
+        Task::Exit { .. } => "exit",
+    }
+}
+
+fn train(t: Task) -> TrainTask {
+    match t {
+        Task::Train(x) => x,
+        other => panic!("expected train, got {other:?}"),
     }
 }
 
@@ -67,27 +99,18 @@ fn leases_worlds_and_refusals() {
     let ta = job.next_task(&a, "").unwrap();
     let tb = job.next_task(&b, "").unwrap();
     assert_eq!((kind(&ta), kind(&tb)), ("precompute", "precompute"));
-    let shard_of = |t: &pb::Task| match t.kind.as_ref().unwrap() {
-        pb::task::Kind::Precompute(p) => p.shard_path.clone(),
-        _ => unreachable!(),
+    let shard_of = |t: &Task| -> PathBuf {
+        match t {
+            Task::Precompute { shard } => shard.clone(),
+            _ => unreachable!(),
+        }
     };
     let (sa, sb) = (shard_of(&ta), shard_of(&tb));
     assert_ne!(sa, sb, "a shard was leased twice");
-    let e = job
-        .complete_shard(pb::CompleteShardRequest {
-            worker_id: a.clone(),
-            shard_path: sb.clone(),
-            ..Default::default()
-        })
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    let e = job.complete_shard(shard_done(&a, &sb)).unwrap_err();
+    assert!(matches!(e, JobError::FailedPrecondition(_)), "{e}");
     for (w, s) in [(&a, &sa), (&b, &sb)] {
-        job.complete_shard(pb::CompleteShardRequest {
-            worker_id: w.clone(),
-            shard_path: s.clone(),
-            ..Default::default()
-        })
-        .unwrap();
+        job.complete_shard(shard_done(w, s)).unwrap();
     }
     assert_eq!(job.status().shards_done, 2);
 
@@ -96,90 +119,65 @@ fn leases_worlds_and_refusals() {
         job.next_task(&a, "127.0.0.1:1001").unwrap(),
         job.next_task(&b, "127.0.0.1:1002").unwrap(),
     );
-    let train = |t: &pb::Task| match t.kind.as_ref().unwrap() {
-        pb::task::Kind::Train(x) => x.clone(),
-        other => panic!("expected train, got {other:?}"),
-    };
-    let (ra, rb) = (train(&ta), train(&tb));
+    let (ra, rb) = (train(ta), train(tb));
     assert_eq!(
         (ra.rank, rb.rank, ra.generation, rb.generation),
         (0, 1, 1, 1)
     );
-    assert_eq!(ra.ring_peers, rb.ring_peers);
-    assert_eq!(ra.ring_peers[0], "127.0.0.1:1001");
-    assert!(
-        ra.ring_peers[1].starts_with("10.0.0.1:"),
-        "{:?}",
-        ra.ring_peers
-    );
+    assert_eq!(ra.peers, rb.peers);
+    assert_eq!(ra.peers[0], "127.0.0.1:1001");
+    assert!(ra.peers[1].starts_with("10.0.0.1:"), "{:?}", ra.peers);
 
     // A second rank 0: rank 1 may not publish the NCCL id; a malformed id is refused too.
     let e = job.publish_nccl_id(&b, 1, vec![0; 128]).unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert!(matches!(e, JobError::PermissionDenied(_)), "{e}");
     let e = job.publish_nccl_id(&a, 1, vec![0; 12]).unwrap_err();
-    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(matches!(e, JobError::InvalidArgument(_)), "{e}");
     job.publish_nccl_id(&a, 1, vec![7; 128]).unwrap();
 
     // A worker outside the world, or reporting for an old generation, changes nothing.
     let c = join(&mut job, &cfg, "c");
-    let e = job
-        .training_ended(pb::TrainingEndedRequest {
-            worker_id: c.clone(),
-            generation: 1,
-            finished: true,
-            ..Default::default()
-        })
-        .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
-    let e = job
-        .training_ended(pb::TrainingEndedRequest {
-            worker_id: a.clone(),
-            generation: 0,
-            finished: true,
-            ..Default::default()
-        })
-        .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    let e = job.training_ended(ended(&c, 1)).unwrap_err();
+    assert!(matches!(e, JobError::PermissionDenied(_)), "{e}");
+    let e = job.training_ended(ended(&a, 0)).unwrap_err();
+    assert!(matches!(e, JobError::FailedPrecondition(_)), "{e}");
     assert_eq!(kind(&job.next_task(&c, "").unwrap()), "wait");
-    assert_eq!(job.status().phase, "training");
+    assert_eq!(job.status().phase, Phase::Training);
 
     // A failure breaks the world; the next world takes idle workers and has a new generation.
-    job.training_ended(pb::TrainingEndedRequest {
-        worker_id: b.clone(),
-        generation: 1,
-        error: "peer reset".into(),
-        ..Default::default()
+    job.training_ended(TrainingEnd {
+        finished: false,
+        error: Some("peer reset".into()),
+        ..ended(&b, 1)
     })
     .unwrap();
     // b must report a fresh listener before it can join a new world (its old one was used by generation 1),
     // and `a` still runs generation 1 until it asks for work: c alone waits.
     assert_eq!(kind(&job.next_task(&c, "127.0.0.1:1003").unwrap()), "wait");
-    let rb = train(&job.next_task(&b, "127.0.0.1:1004").unwrap());
+    let rb = train(job.next_task(&b, "127.0.0.1:1004").unwrap());
     assert_eq!((rb.generation, rb.world_size), (2, 2));
-    let rc = train(&job.next_task(&c, "127.0.0.1:1003").unwrap());
+    let rc = train(job.next_task(&c, "127.0.0.1:1003").unwrap());
     assert_eq!(rc.generation, 2);
-    assert_eq!(rb.ring_peers, rc.ring_peers);
+    assert_eq!(rb.peers, rc.peers);
     // Both finish: the job is done and everyone is told to exit; late workers are refused.
     for w in [&b, &c] {
-        job.training_ended(pb::TrainingEndedRequest {
-            worker_id: w.clone(),
-            generation: 2,
-            finished: true,
+        job.training_ended(TrainingEnd {
             step: 4,
-            ..Default::default()
+            ..ended(w, 2)
         })
         .unwrap();
     }
-    assert_eq!(job.status().phase, "done");
+    assert_eq!(job.status().phase, Phase::Done);
     assert_eq!(kind(&job.next_task(&a, "").unwrap()), "exit");
     let e = job
-        .register(pb::RegisterRequest {
+        .register(Registration {
             hostname: "late".into(),
             device: "cpu".into(),
-            ..Default::default()
+            ring_address: String::new(),
+            pid: 1,
         })
         .unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    assert!(matches!(e, JobError::FailedPrecondition(_)), "{e}");
 }
 
 /// A member that leaves (SIGTERM) while its training task is still on the way dissolves the world at once:
@@ -193,37 +191,29 @@ fn a_member_leaving_before_it_joins_dissolves_the_world() {
     let b = join(&mut job, &cfg, "b");
     let c = join(&mut job, &cfg, "c");
     for w in [&a, &b] {
-        match job.next_task(w, "").unwrap().kind.unwrap() {
-            pb::task::Kind::Precompute(p) => job
-                .complete_shard(pb::CompleteShardRequest {
-                    worker_id: w.clone(),
-                    shard_path: p.shard_path,
-                    ..Default::default()
-                })
-                .unwrap(),
+        match job.next_task(w, "").unwrap() {
+            Task::Precompute { shard } => job.complete_shard(shard_done(w, &shard)).unwrap(),
             other => panic!("expected precompute, got {other:?}"),
         }
     }
-    let train = |t: pb::Task| match t.kind.unwrap() {
-        pb::task::Kind::Train(x) => x,
-        other => panic!("expected train, got {other:?}"),
-    };
     // `a` asks first and gets generation 1 with `b` (registered earlier than `c`) as its peer.
     let ra = train(job.next_task(&a, "127.0.0.1:2001").unwrap());
     assert_eq!((ra.generation, ra.world_size), (1, 2));
-    let beat = |job: &mut Job, w: &str, state: &str| {
-        job.heartbeat(pb::HeartbeatRequest {
+    let beat = |job: &mut Job, w: &str, state: WorkerState| {
+        job.heartbeat(Beat {
             worker_id: w.to_string(),
-            state: state.into(),
-            ..Default::default()
+            state,
+            step: 0,
+            metrics: Default::default(),
+            errors: Vec::new(),
         })
         .unwrap()
     };
-    assert!(!beat(&mut job, &a, "training").abort);
+    assert!(!beat(&mut job, &a, WorkerState::Training).abort);
     // `b` is terminated before it fetched its task.
-    beat(&mut job, &b, "exited");
+    beat(&mut job, &b, WorkerState::Exited);
     assert!(
-        beat(&mut job, &a, "training").abort,
+        beat(&mut job, &a, WorkerState::Training).abort,
         "the member waiting for the leaver must be told to stop"
     );
     assert!(
@@ -239,6 +229,6 @@ fn a_member_leaving_before_it_joins_dissolves_the_world() {
     let ra = train(job.next_task(&a, "127.0.0.1:2004").unwrap());
     let rc = train(job.next_task(&c, "127.0.0.1:2003").unwrap());
     assert_eq!((ra.generation, rc.generation, ra.world_size), (2, 2, 2));
-    assert_eq!(ra.ring_peers, vec!["127.0.0.1:2004", "127.0.0.1:2003"]);
+    assert_eq!(ra.peers, vec!["127.0.0.1:2004", "127.0.0.1:2003"]);
     assert_ne!(kind(&job.next_task(&b, "127.0.0.1:2002").unwrap()), "train");
 }

@@ -241,7 +241,7 @@ fn status_and_bad_requests() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(s.phase, "waiting");
+        assert_eq!(s.phase(), pb::Phase::Waiting);
         assert_eq!(s.shards_total, 4);
         // Malformed and unknown requests.
         let e = c
@@ -421,7 +421,11 @@ fn precompute_survives_a_killed_worker() {
     let t = Instant::now();
     let victim = loop {
         if let Some(s) = status(&url) {
-            if let Some(w) = s.workers.iter().find(|w| w.state == "precomputing") {
+            if let Some(w) = s
+                .workers
+                .iter()
+                .find(|w| w.state() == pb::WorkerState::Precomputing)
+            {
                 break w.pid;
             }
         }
