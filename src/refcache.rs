@@ -630,7 +630,10 @@ impl RefCache {
                 .ok()
                 .and_then(|t| t.elapsed().ok())
                 .is_some_and(|el| el >= age);
-            if name.starts_with('.') && name.ends_with(".tmp") && old {
+            // `fsx`'s temporaries, and the `.<name>.<pid>.<nanos>.tmp` ones of earlier versions.
+            let temp =
+                fsx::is_temp_name(&name) || (name.starts_with('.') && name.ends_with(".tmp"));
+            if temp && old {
                 match fs::remove_file(&path) {
                     Ok(()) => {
                         tracing::info!(file = %path.display(), "removed a stale temporary file")

@@ -120,7 +120,7 @@ pub fn save(
     Ok(dir)
 }
 
-/// Removes temporary checkpoint folders left by crashed runs (`.checkpoint-<step>.tmp-<pid>`), which are
+/// Removes temporary checkpoint folders left by crashed runs (`.checkpoint-<step>.tmp-<pid>-<nanos>`), which are
 /// never complete and can be as large as a checkpoint.
 pub fn remove_stale_temps(output_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(output_dir) else {

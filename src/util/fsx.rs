@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A temporary sibling of `path` that no other process or earlier run uses: `.<name>.tmp-<pid>-<nanos>`.
-/// Starts with a dot so globs over a folder's data files never see it.
+/// Starts with a dot so globs over a folder's data files never see it; [`is_temp_name`] recognises it.
 pub fn temp_sibling(path: &Path) -> PathBuf {
     let name = path
         .file_name()
@@ -19,6 +19,11 @@ pub fn temp_sibling(path: &Path) -> PathBuf {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     path.with_file_name(format!(".{name}.tmp-{}-{nanos}", std::process::id()))
+}
+
+/// Whether a file name is one of [`temp_sibling`]'s (what a crash can leave behind).
+pub fn is_temp_name(name: &str) -> bool {
+    name.starts_with('.') && name.contains(".tmp-")
 }
 
 /// Writes `bytes` to `path` atomically: a reader sees the old file or the whole new one, never a part.
@@ -36,14 +41,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     result
 }
 
-/// Renames a finished temporary file or folder into place and syncs the parent folder. An existing folder
-/// at `dest` is removed first (rename cannot replace a non-empty folder).
+/// Renames a finished temporary file or folder into place, then syncs the parent folder. When `tmp` is a
+/// folder, an existing folder at `dest` is removed first (rename cannot replace a non-empty folder); a file never
+/// replaces a folder. The parent's sync is best effort: the rename has happened, and not every filesystem
+/// can sync a folder.
 pub fn commit(tmp: &Path, dest: &Path) -> io::Result<()> {
-    if dest.is_dir() {
+    if tmp.is_dir() && dest.is_dir() {
         fs::remove_dir_all(dest)?;
     }
     fs::rename(tmp, dest)?;
-    sync_dir(dest.parent().unwrap_or(Path::new(".")))
+    let _ = sync_dir(dest.parent().unwrap_or(Path::new(".")));
+    Ok(())
 }
 
 /// fsync of a folder: makes the entries created or renamed in it durable.
@@ -97,6 +105,22 @@ mod tests {
         sync_tree(&tmp).unwrap();
         commit(&tmp, &dest).unwrap();
         assert!(dest.join("new").exists() && !dest.join("old").exists() && !tmp.exists());
+    }
+
+    #[test]
+    fn a_file_never_replaces_a_folder_and_temps_are_recognised() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("checkpoint-3");
+        fs::create_dir(&dest).unwrap();
+        assert!(write_atomic(&dest, b"x").is_err());
+        assert!(dest.is_dir());
+        let tmp = temp_sibling(&dest);
+        let name = tmp.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            is_temp_name(&name)
+                && !is_temp_name("checkpoint-3")
+                && !is_temp_name("train-0.parquet")
+        );
     }
 
     #[test]
