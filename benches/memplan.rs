@@ -1,4 +1,4 @@
-//! The memory plan (`src/memplan.rs`) against the measured peak resident memory of `ddpo train` on CPU. Not a
+//! The memory plan (`src/memplan/`) against the measured peak resident memory of `ddpo train` on CPU. Not a
 //! test (tests/it/memplan.rs checks the same within 10 %); this prints the numbers and re-derives the runtime
 //! overhead constant. Run: `scripts/with-torch cargo bench --bench memplan`.
 //!

@@ -52,7 +52,7 @@ pub(super) fn prepare<'a>(
 ) -> Result<Prepared<'a>, TrainError> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let kind = cfg.model.dtype.weight_kind(device);
-    // The memory plan (src/memplan.rs), before anything is loaded: logged, and a job that cannot fit is refused.
+    // The memory plan (src/memplan/), before anything is loaded: logged, and a job that cannot fit is refused.
     crate::memplan::check_before_training(cfg, device, kind, rank, world)
         .map_err(TrainError::Setup)?;
     let out_dir = &cfg.train.output_dir;

@@ -1,6 +1,6 @@
 """Bytes autograd saves for backward in one micro-batch of the LLaVA forward that src/model/{clip,llama,llava}.rs
 run, measured by PyTorch itself (torch.autograd.graph.saved_tensors_hooks), by part: the oracle for the
-activation term of src/memplan.rs.
+activation term of src/memplan/mod.rs.
 
 The forward below repeats the Rust code op for op (same tensor ops, same order, same dtypes): CLIP tower up to
 the feature layer, projector, embedding splice, LLaMA decoder (RMSNorm in fp32, RoPE, GQA repeat, SDPA with a
