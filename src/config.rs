@@ -452,26 +452,34 @@ mod defaults {
     }
 }
 
+/// A `--device` value that names no device of this machine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error("--device {0:?}: expected cpu, cuda, cuda:N or auto")]
+    Unknown(String),
+    #[error("--device {name}: this machine has {count} CUDA device(s)")]
+    Missing { name: String, count: i64 },
+}
+
 /// Parses a `--device` value (`cpu`, `cuda`, `cuda:N`, `auto`); a CUDA device this machine does not have
 /// is an error here rather than a libtorch crash later. Shared by every binary.
-pub fn parse_device(s: &str) -> Result<tch::Device, String> {
+pub fn parse_device(s: &str) -> Result<tch::Device, DeviceError> {
     let d = match s {
         "auto" => tch::Device::cuda_if_available(),
         "cpu" => tch::Device::Cpu,
         "cuda" => tch::Device::Cuda(0),
         other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
             Some(n) => tch::Device::Cuda(n),
-            None => {
-                return Err(format!(
-                    "--device {other:?}: expected cpu, cuda, cuda:N or auto"
-                ))
-            }
+            None => return Err(DeviceError::Unknown(other.to_string())),
         },
     };
     if let tch::Device::Cuda(i) = d {
         let n = tch::Cuda::device_count();
         if (i as i64) >= n {
-            return Err(format!("--device {s}: this machine has {n} CUDA device(s)"));
+            return Err(DeviceError::Missing {
+                name: s.to_string(),
+                count: n,
+            });
         }
     }
     Ok(d)
@@ -997,8 +1005,13 @@ train = ["d/*.parquet"]
     fn devices_parse_and_missing_cuda_is_an_error() {
         assert_eq!(parse_device("cpu"), Ok(tch::Device::Cpu));
         let e = parse_device("tpu").unwrap_err();
-        assert!(e.contains("expected cpu, cuda, cuda:N or auto"), "{e}");
+        assert_eq!(e, DeviceError::Unknown("tpu".into()));
+        assert!(
+            e.to_string().contains("expected cpu, cuda, cuda:N or auto"),
+            "{e}"
+        );
         let e = parse_device("cuda:99").unwrap_err();
-        assert!(e.contains("CUDA device(s)"), "{e}");
+        assert!(matches!(e, DeviceError::Missing { .. }), "{e}");
+        assert!(e.to_string().contains("CUDA device(s)"), "{e}");
     }
 }

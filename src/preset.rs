@@ -72,7 +72,7 @@ pub fn init_model(out: &Path, name: &str, seed: u64) -> Result<Vec<String>, Pres
     {
         let _rng = crate::model::global_rng_lock();
         tch::manual_seed(seed as i64);
-        Llava::new(&vs.root(), &cfg).map_err(PresetError::Model)?;
+        Llava::new(&vs.root(), &cfg).map_err(|e| PresetError::Model(e.to_string()))?;
     }
     weights::save(&vs, out, tch::Kind::Float, &files)
         .map_err(|e| PresetError::Model(e.to_string()))?;

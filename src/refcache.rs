@@ -767,9 +767,9 @@ pub fn precompute(cfg: &Config, device: tch::Device) -> Result<PrecomputeReport,
     let path = cfg.reference_path();
     let kind = reference_kind(cfg, device);
     tracing::info!(model = %path.display(), dtype = kind_name(kind), ?device, "loading the reference model");
-    let (_vs, model) = Llava::load(path, device, kind).map_err(|reason| CacheError::Model {
+    let (_vs, model) = Llava::load(path, device, kind).map_err(|e| CacheError::Model {
         path: path.to_owned(),
-        reason,
+        reason: e.to_string(),
     })?;
     report.model_loaded = true;
     let pre = Preprocessor::from_model_dir(

@@ -313,7 +313,7 @@ fn cmd_status(url: &str, json: bool, watch: bool, interval_ms: u32) -> Result<Ex
 }
 
 fn parse_device(s: &str) -> Result<tch::Device> {
-    ddpo::config::parse_device(s).map_err(anyhow::Error::msg)
+    Ok(ddpo::config::parse_device(s)?)
 }
 
 /// Loads and fully checks a job config (keys, ranges, files), printing problems like `validate` does.

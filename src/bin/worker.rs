@@ -41,7 +41,7 @@ fn main() -> ExitCode {
     let run = || -> Result<bool> {
         let opts = ddpo::worker::WorkerOptions {
             coordinator: cli.coordinator.clone(),
-            device: ddpo::config::parse_device(&cli.device).map_err(anyhow::Error::msg)?,
+            device: ddpo::config::parse_device(&cli.device)?,
             ring_bind: cli.ring_bind.parse()?,
             give_up_after: Duration::from_secs(cli.give_up_secs),
         };

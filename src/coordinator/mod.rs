@@ -39,6 +39,8 @@ pub enum CoordinatorError {
     Serve(#[from] tonic::transport::Error),
     #[error("{0}")]
     Setup(String),
+    #[error(transparent)]
+    Job(#[from] types::JobSetupError),
 }
 
 /// Serves the job on `listener` until the job is over (and a grace period for workers to collect their
@@ -50,9 +52,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     linger: Duration,
 ) -> Result<bool, CoordinatorError> {
-    let job = Arc::new(Mutex::new(
-        Job::new(cfg, config_toml).map_err(CoordinatorError::Setup)?,
-    ));
+    let job = Arc::new(Mutex::new(Job::new(cfg, config_toml)?));
     let service = Service::new(job.clone());
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::types::{
-    Beat, BeatReply, JobError, JobStatus, Joined, Registration, ShardDone, Task, TrainTask,
-    TrainingEnd, WorkerState, WorkerStatus, WorldBackend,
+    Beat, BeatReply, JobError, JobSetupError, JobStatus, Joined, Registration, ShardDone, Task,
+    TrainTask, TrainingEnd, WorkerState, WorkerStatus, WorldBackend,
 };
 use crate::config::{Backend, Config};
 use crate::data::shards;
@@ -117,10 +117,13 @@ fn state_path(cfg: &Config) -> PathBuf {
 
 impl Job {
     /// A new job, or the job recorded in the output folder by a previous coordinator (restart).
-    pub fn new(cfg: Config, config_toml: String) -> Result<Self, String> {
-        let mut all = shards::discover(&cfg.data.train).map_err(|e| format!("data.train: {e}"))?;
+    pub fn new(cfg: Config, config_toml: String) -> Result<Self, JobSetupError> {
+        let discover = |key, patterns: &[String]| {
+            shards::discover(patterns).map_err(|source| JobSetupError { key, source })
+        };
+        let mut all = discover("data.train", &cfg.data.train)?;
         if !cfg.data.eval.is_empty() {
-            all.extend(shards::discover(&cfg.data.eval).map_err(|e| format!("data.eval: {e}"))?);
+            all.extend(discover("data.eval", &cfg.data.eval)?);
         }
         let saved: Option<Saved> = std::fs::read_to_string(state_path(&cfg))
             .ok()

@@ -148,6 +148,14 @@ pub struct JobStatus {
     pub message: String,
 }
 
+/// Why a job could not be set up: a data pattern of the config (named by its key) matched nothing usable.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {source}")]
+pub struct JobSetupError {
+    pub key: &'static str,
+    pub source: crate::data::DataError,
+}
+
 /// Why the state machine refused a call; the service maps each kind to a gRPC code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JobError {

@@ -89,7 +89,7 @@ impl Preprocessor {
             path: dir.to_owned(),
             reason,
         };
-        let mcfg = LlavaConfig::from_dir(dir).map_err(model_err)?;
+        let mcfg = LlavaConfig::from_dir(dir).map_err(|e| model_err(e.to_string()))?;
         let template = Template::from_name(template)
             .ok_or_else(|| model_err(format!("unknown template {template:?}")))?;
         let tok = TextEncoder::load_tokenizer(dir).map_err(model_err)?;

@@ -177,7 +177,8 @@ fn base_inputs(a: &PlanArgs, device: tch::Device) -> Result<Bases, PlanError> {
     let mut stages = vec![0u8];
     if let Some(path) = &a.config {
         let cfg = Config::load(path)?;
-        let model = LlavaConfig::from_dir(&cfg.model.path).map_err(PlanError::Model)?;
+        let model =
+            LlavaConfig::from_dir(&cfg.model.path).map_err(|e| PlanError::Model(e.to_string()))?;
         let kind = cfg.model.dtype.weight_kind(device);
         let mut input = PlanInput::from_config(
             &cfg,

@@ -9,7 +9,7 @@ pub fn plan_for_config(
     kind: tch::Kind,
     world: usize,
 ) -> Result<MemoryPlan, String> {
-    let model = LlavaConfig::from_dir(&cfg.model.path)?;
+    let model = LlavaConfig::from_dir(&cfg.model.path).map_err(|e| e.to_string())?;
     let name = cfg.model.path.display().to_string();
     Ok(MemoryPlan::new(PlanInput::from_config(
         cfg,

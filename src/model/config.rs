@@ -172,18 +172,20 @@ mod d {
 
 impl LlavaConfig {
     /// Reads `<dir>/config.json`; the error names the file.
-    pub fn from_dir(dir: &Path) -> Result<Self, String> {
+    pub fn from_dir(dir: &Path) -> Result<Self, super::ModelError> {
         let p = dir.join("config.json");
-        let text = std::fs::read_to_string(&p)
-            .map_err(|e| format!("{}: cannot read: {e}", p.display()))?;
-        let cfg: Self = serde_json::from_str(&text)
-            .map_err(|e| format!("{}: not a LLaVA config: {e}", p.display()))?;
+        let bad = |reason: String| super::ModelError::Config {
+            path: p.clone(),
+            reason,
+        };
+        let text = std::fs::read_to_string(&p).map_err(|e| bad(format!("cannot read: {e}")))?;
+        let cfg: Self =
+            serde_json::from_str(&text).map_err(|e| bad(format!("not a LLaVA config: {e}")))?;
         if cfg.model_type != "llava" {
-            return Err(format!(
-                "{}: model_type is {:?}; ddpo trains \"llava\" models",
-                p.display(),
+            return Err(bad(format!(
+                "model_type is {:?}; ddpo trains \"llava\" models",
                 cfg.model_type
-            ));
+            )));
         }
         let (t, v) = (&cfg.text_config, &cfg.vision_config);
         let zero: Vec<&str> = [
@@ -201,12 +203,11 @@ impl LlavaConfig {
         .map(|(k, _)| k)
         .collect();
         if !zero.is_empty() {
-            return Err(format!("{}: {} must be > 0", p.display(), zero.join(", ")));
+            return Err(bad(format!("{} must be > 0", zero.join(", "))));
         }
         if cfg.image_token_index.is_none() {
-            return Err(format!(
-                "{}: neither image_token_index nor image_token_id is set",
-                p.display()
+            return Err(bad(
+                "neither image_token_index nor image_token_id is set".into()
             ));
         }
         Ok(cfg)
@@ -360,9 +361,11 @@ mod tests {
         c.text_config.vocab_size = 64;
         c.vision_config.patch_size = 0;
         std::fs::write(dir.path().join("config.json"), c.to_hf_json().to_string()).unwrap();
-        let e = LlavaConfig::from_dir(dir.path()).unwrap_err();
+        let e = LlavaConfig::from_dir(dir.path()).unwrap_err().to_string();
         assert!(
-            e.contains("vision_config.patch_size") && e.contains("must be > 0"),
+            e.contains("config.json")
+                && e.contains("vision_config.patch_size")
+                && e.contains("must be > 0"),
             "{e}"
         );
     }

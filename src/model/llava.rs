@@ -14,7 +14,7 @@ use tch::{Kind, Tensor};
 use super::clip::{Activation, ClipVision};
 use super::config::LlavaConfig;
 use super::llama::Llama;
-use super::IGNORE;
+use super::{ModelError, IGNORE};
 
 #[derive(Debug)]
 pub struct Llava {
@@ -33,9 +33,14 @@ pub struct Llava {
 pub const LOGPROB_CHUNK: i64 = 1024;
 
 impl Llava {
-    /// Builds the model's variables under `root` (random init; load a checkpoint over them).
-    pub fn new(root: &nn::Path, config: &LlavaConfig) -> Result<Self, String> {
+    /// Builds the model's variables under `root` (random init; load a checkpoint over them). A setting this
+    /// implementation does not compute is refused, naming it.
+    pub fn new(root: &nn::Path, config: &LlavaConfig) -> Result<Self, ModelError> {
         crate::util::numerics::warm_up();
+        Self::build(root, config).map_err(ModelError::Unsupported)
+    }
+
+    fn build(root: &nn::Path, config: &LlavaConfig) -> Result<Self, String> {
         let v = &config.vision_config;
         let t = &config.text_config;
         if !matches!(
@@ -122,7 +127,7 @@ impl Llava {
         dir: &std::path::Path,
         device: tch::Device,
         kind: Kind,
-    ) -> Result<(nn::VarStore, Self), String> {
+    ) -> Result<(nn::VarStore, Self), ModelError> {
         let config = LlavaConfig::from_dir(dir)?;
         let mut vs = nn::VarStore::new(device);
         // Variables are made in the target dtype straight away (a bf16 7B model never exists in fp32 on the
@@ -132,7 +137,7 @@ impl Llava {
             let _rng = super::global_rng_lock();
             Self::new(&vs.root(), &config)?
         };
-        super::weights::load(&vs, dir).map_err(|e| e.to_string())?;
+        super::weights::load(&vs, dir)?;
         Ok((vs, model))
     }
 

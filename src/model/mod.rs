@@ -7,6 +7,22 @@ pub mod llama;
 pub mod llava;
 pub mod weights;
 
+/// Why a model could not be built or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// `config.json` missing, unreadable, not a LLaVA config, or with an impossible value (names the key).
+    #[error("{}: {reason}", path.display())]
+    Config {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    /// A setting this implementation does not compute (names the key and its value).
+    #[error("{0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Weights(#[from] weights::WeightsError),
+}
+
 /// Hugging Face's ignore index: a label position with this value has no log-prob.
 pub const IGNORE: i64 = -100;
 

@@ -158,11 +158,10 @@ fn open_sources(
         }
         ReferenceMode::Online => {
             let path = cfg.reference_path();
-            let (rvs, rm) =
-                Llava::load(path, device, kind).map_err(|reason| TrainError::Model {
-                    path: path.to_owned(),
-                    reason,
-                })?;
+            let (rvs, rm) = Llava::load(path, device, kind).map_err(|e| TrainError::Model {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
             rvs.variables().values_mut().for_each(|t| {
                 let _ = t.requires_grad_(false);
             });
@@ -254,9 +253,9 @@ fn load_policy(
     resuming: bool,
 ) -> Result<(nn::VarStore, Llava, Option<nn::VarStore>), TrainError> {
     let (vs, mut model) =
-        Llava::load(weights_dir, device, kind).map_err(|reason| TrainError::Model {
+        Llava::load(weights_dir, device, kind).map_err(|e| TrainError::Model {
             path: weights_dir.to_owned(),
-            reason,
+            reason: e.to_string(),
         })?;
     let lora = if cfg.lora.rank > 0 {
         let resume_from = resuming.then_some(weights_dir);

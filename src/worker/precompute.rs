@@ -59,7 +59,7 @@ fn precompute_shard(
     }
     if model.is_none() {
         let kind = refcache::reference_kind(cfg, device);
-        *model = Some(Llava::load(cfg.reference_path(), device, kind)?);
+        *model = Some(Llava::load(cfg.reference_path(), device, kind).map_err(|e| e.to_string())?);
     }
     let (_, m) = model.as_ref().expect("loaded");
     let pre = Preprocessor::from_model_dir(
