@@ -123,6 +123,23 @@ pub enum FreezeTarget {
     LanguageModel,
 }
 
+impl FreezeTarget {
+    pub const ALL: [FreezeTarget; 3] = [Self::VisionTower, Self::Projector, Self::LanguageModel];
+
+    /// The config's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            FreezeTarget::VisionTower => "vision_tower",
+            FreezeTarget::Projector => "projector",
+            FreezeTarget::LanguageModel => "language_model",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -142,6 +159,16 @@ pub enum ReferenceMode {
     Cached,
     /// Reference forward every step, no cache.
     Online,
+}
+
+impl ReferenceMode {
+    /// The config's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReferenceMode::Cached => "cached",
+            ReferenceMode::Online => "online",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]

@@ -304,139 +304,198 @@ fn run_plan(
     add: fn(&mut [u8], &[u8]),
     plan: &Plan,
 ) -> Result<(), CollectiveError> {
-    let (sends, recvs) = (&plan.sends, &plan.recvs);
-    let (mut si, mut soff) = (0usize, 0usize);
-    let (mut ri, mut roff, mut radded) = (0usize, 0usize, 0usize);
+    let mut e = Engine {
+        next,
+        prev,
+        scratch,
+        op,
+        bytes,
+        elem,
+        add,
+        plan,
+        si: 0,
+        soff: 0,
+        ri: 0,
+        roff: 0,
+        radded: 0,
+    };
     let mut last_progress = Instant::now();
-    let io_err = |peer: usize, e: io::Error| CollectiveError::Io {
-        peer,
-        op: op.to_string(),
-        source: e,
-    };
-    let closed = |peer: usize| CollectiveError::PeerClosed {
-        peer,
-        op: op.to_string(),
-    };
     loop {
-        // `moved`: some bytes went either way (try again before polling). `alive`: bytes arrived from prev —
-        // what resets the timeout. Writes do not: a hung peer's kernel still takes data now and then (window
-        // probes, receive-queue collapsing) long after the peer stopped reading.
-        let (mut moved, mut alive) = (false, false);
-        let mut want_out = false;
-        while si < sends.len() {
-            let it = &sends[si];
-            if it.start == it.end {
-                si += 1;
-                continue;
-            }
-            if ri < it.after_recvs {
-                break;
-            }
-            match (&next.stream).write(&bytes[it.start + soff..it.end]) {
-                Ok(0) => return Err(closed(next.peer)),
-                Ok(k) => {
-                    moved = true;
-                    soff += k;
-                    if it.start + soff == it.end {
-                        si += 1;
-                        soff = 0;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    want_out = true;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err(next.peer, e)),
-            }
-        }
-        let mut want_in = false;
-        while ri < recvs.len() {
-            let it = &recvs[ri];
-            let len = it.end - it.start;
-            if len == 0 {
-                ri += 1;
-                continue;
-            }
-            if si < it.after_sends {
-                break;
-            }
-            let res = match it.mode {
-                Mode::Copy => (&prev.stream).read(&mut bytes[it.start + roff..it.end]),
-                Mode::Add => (&prev.stream).read(&mut scratch[roff..len]),
-            };
-            match res {
-                Ok(0) => return Err(closed(prev.peer)),
-                Ok(k) => {
-                    (moved, alive) = (true, true);
-                    roff += k;
-                    if it.mode == Mode::Add {
-                        // Add what arrived while it is still in cache; a partial element waits.
-                        let complete = roff - roff % elem;
-                        if complete > radded {
-                            add(
-                                &mut bytes[it.start + radded..it.start + complete],
-                                &scratch[radded..complete],
-                            );
-                            radded = complete;
-                        }
-                    }
-                    if roff == len {
-                        ri += 1;
-                        roff = 0;
-                        radded = 0;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    want_in = true;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err(prev.peer, e)),
-            }
-        }
-        if si == sends.len() && ri == recvs.len() {
+        let (sent, want_out) = e.pump_sends()?;
+        let (received, want_in) = e.pump_recvs()?;
+        if e.si == plan.sends.len() && e.ri == plan.recvs.len() {
             return Ok(());
         }
-        if alive {
+        // Only bytes from prev reset the timeout. Writes do not: a hung peer's kernel still takes data now and
+        // then (window probes, receive-queue collapsing) long after the peer stopped reading.
+        if received {
             last_progress = Instant::now();
         }
-        if moved {
-            continue;
+        if sent || received {
+            continue; // try again before polling
         }
         let waited = last_progress.elapsed();
         if waited >= timeout {
-            let detail = match (want_in, want_out) {
-                (true, true) => format!(
-                    "no data from rank {} and rank {} is not taking data",
-                    prev.peer, next.peer
-                ),
-                (true, false) => format!("no data from rank {}", prev.peer),
-                _ => format!("rank {} is not taking data", next.peer),
-            };
-            let peer = if want_in { prev.peer } else { next.peer };
-            return Err(CollectiveError::Timeout {
-                peer,
-                op: op.to_string(),
-                timeout,
-                detail,
-            });
+            return Err(e.timeout_error(want_in, want_out, timeout));
         }
-        // Next never sends on its link after the handshake: readable there means it hung up. Watched only
-        // while we still have bytes for it: once our sends are done, next may finish and exit normally.
-        let watch_next = si < sends.len();
+        e.wait(want_in, want_out, timeout - waited)?;
+    }
+}
+
+/// One plan in flight: the links, the buffers, and how far the sends (item `si`, byte `soff`) and receives
+/// (item `ri`, byte `roff`, of which `radded` are already added in) have come.
+struct Engine<'a> {
+    next: &'a Link,
+    prev: &'a Link,
+    scratch: &'a mut [u8],
+    op: &'a str,
+    bytes: &'a mut [u8],
+    elem: usize,
+    add: fn(&mut [u8], &[u8]),
+    plan: &'a Plan,
+    si: usize,
+    soff: usize,
+    ri: usize,
+    roff: usize,
+    radded: usize,
+}
+
+impl Engine<'_> {
+    fn io_err(&self, peer: usize, source: io::Error) -> CollectiveError {
+        CollectiveError::Io {
+            peer,
+            op: self.op.to_string(),
+            source,
+        }
+    }
+
+    fn closed(&self, peer: usize) -> CollectiveError {
+        CollectiveError::PeerClosed {
+            peer,
+            op: self.op.to_string(),
+        }
+    }
+
+    /// Writes what the plan allows now. Returns (some bytes left, next would block).
+    fn pump_sends(&mut self) -> Result<(bool, bool), CollectiveError> {
+        let (plan, mut moved) = (self.plan, false);
+        while self.si < plan.sends.len() {
+            let it = &plan.sends[self.si];
+            if it.start == it.end {
+                self.si += 1;
+                continue;
+            }
+            if self.ri < it.after_recvs {
+                break;
+            }
+            match (&self.next.stream).write(&self.bytes[it.start + self.soff..it.end]) {
+                Ok(0) => return Err(self.closed(self.next.peer)),
+                Ok(k) => {
+                    moved = true;
+                    self.soff += k;
+                    if it.start + self.soff == it.end {
+                        self.si += 1;
+                        self.soff = 0;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((moved, true)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.io_err(self.next.peer, e)),
+            }
+        }
+        Ok((moved, false))
+    }
+
+    /// Reads what the plan allows now, adding as it arrives. Returns (some bytes came, prev would block).
+    fn pump_recvs(&mut self) -> Result<(bool, bool), CollectiveError> {
+        let (plan, mut moved) = (self.plan, false);
+        while self.ri < plan.recvs.len() {
+            let it = &plan.recvs[self.ri];
+            let len = it.end - it.start;
+            if len == 0 {
+                self.ri += 1;
+                continue;
+            }
+            if self.si < it.after_sends {
+                break;
+            }
+            let res = match it.mode {
+                Mode::Copy => {
+                    (&self.prev.stream).read(&mut self.bytes[it.start + self.roff..it.end])
+                }
+                Mode::Add => (&self.prev.stream).read(&mut self.scratch[self.roff..len]),
+            };
+            match res {
+                Ok(0) => return Err(self.closed(self.prev.peer)),
+                Ok(k) => {
+                    moved = true;
+                    self.roff += k;
+                    if it.mode == Mode::Add {
+                        self.add_complete(it.start);
+                    }
+                    if self.roff == len {
+                        self.ri += 1;
+                        self.roff = 0;
+                        self.radded = 0;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((moved, true)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.io_err(self.prev.peer, e)),
+            }
+        }
+        Ok((moved, false))
+    }
+
+    /// Adds what arrived while it is still in cache; a partial element waits.
+    fn add_complete(&mut self, start: usize) {
+        let complete = self.roff - self.roff % self.elem;
+        if complete > self.radded {
+            (self.add)(
+                &mut self.bytes[start + self.radded..start + complete],
+                &self.scratch[self.radded..complete],
+            );
+            self.radded = complete;
+        }
+    }
+
+    fn timeout_error(&self, want_in: bool, want_out: bool, timeout: Duration) -> CollectiveError {
+        let (prev, next) = (self.prev.peer, self.next.peer);
+        let detail = match (want_in, want_out) {
+            (true, true) => format!("no data from rank {prev} and rank {next} is not taking data"),
+            (true, false) => format!("no data from rank {prev}"),
+            _ => format!("rank {next} is not taking data"),
+        };
+        CollectiveError::Timeout {
+            peer: if want_in { prev } else { next },
+            op: self.op.to_string(),
+            timeout,
+            detail,
+        }
+    }
+
+    /// Polls until a link can move (or `remaining` passes). Next never sends on its link after the handshake:
+    /// readable there means it hung up. Watched only while we still have bytes for it: once our sends are done,
+    /// next may finish and exit normally.
+    fn wait(
+        &self,
+        want_in: bool,
+        want_out: bool,
+        remaining: Duration,
+    ) -> Result<(), CollectiveError> {
+        let watch_next = self.si < self.plan.sends.len();
         let mut fds = Vec::with_capacity(2);
         if watch_next {
             let out = if want_out { libc::POLLOUT } else { 0 };
             fds.push(libc::pollfd {
-                fd: next.stream.as_raw_fd(),
+                fd: self.next.stream.as_raw_fd(),
                 events: libc::POLLIN | out,
                 revents: 0,
             });
         }
         if want_in {
             fds.push(libc::pollfd {
-                fd: prev.stream.as_raw_fd(),
+                fd: self.prev.stream.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             });
@@ -447,37 +506,44 @@ fn run_plan(
             libc::poll(
                 fds.as_mut_ptr(),
                 fds.len() as libc::nfds_t,
-                poll_ms(timeout - waited),
+                poll_ms(remaining),
             )
         };
         if r < 0 {
             let e = io::Error::last_os_error();
-            if e.kind() != io::ErrorKind::Interrupted {
-                return Err(io_err(next.peer, e));
-            }
-            continue;
+            return match e.kind() {
+                io::ErrorKind::Interrupted => Ok(()),
+                _ => Err(self.io_err(self.next.peer, e)),
+            };
         }
         if want_in && fds.last().is_some_and(|f| f.revents != 0) {
-            continue; // the read above will see data, end of stream or the error
+            return Ok(()); // the read will see data, end of stream or the error
         }
         if watch_next && fds[0].revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0 {
-            let mut probe = [0u8; 1];
-            match (&next.stream).read(&mut probe) {
-                Ok(0) => return Err(closed(next.peer)),
-                Ok(_) => {
-                    return Err(CollectiveError::Mismatch {
-                        peer: next.peer,
-                        op: op.to_string(),
-                        detail: "unexpected data on the sending link".into(),
-                    })
-                }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => return Err(io_err(next.peer, e)),
+            self.probe_next()?;
+        }
+        Ok(())
+    }
+
+    /// Next's link became readable: it hung up, or sent what it never should.
+    fn probe_next(&self) -> Result<(), CollectiveError> {
+        let mut probe = [0u8; 1];
+        match (&self.next.stream).read(&mut probe) {
+            Ok(0) => Err(self.closed(self.next.peer)),
+            Ok(_) => Err(CollectiveError::Mismatch {
+                peer: self.next.peer,
+                op: self.op.to_string(),
+                detail: "unexpected data on the sending link".into(),
+            }),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(())
             }
+            Err(e) => Err(self.io_err(self.next.peer, e)),
         }
     }
 }
@@ -634,172 +700,30 @@ impl RingCollective {
         if world == 1 {
             return Ok(ring);
         }
-        let deadline = Instant::now() + timeout;
-        let next_rank = (rank + 1) % world;
-        let prev_rank = (rank + world - 1) % world;
-        let next_addr = peers[next_rank];
-        let connect_err = |source| CollectiveError::Connect {
-            peer: next_rank,
-            addr: next_addr,
-            source,
+        let spot = Spot {
+            rank,
+            world,
+            generation,
+            next_rank: (rank + 1) % world,
+            prev_rank: (rank + world - 1) % world,
+            next_addr: peers[(rank + 1) % world],
+            timeout,
+            deadline: Instant::now() + timeout,
         };
-        let hs_err = |peer, source| CollectiveError::Io {
-            peer,
-            op: "ring handshake".into(),
-            source,
-        };
-
-        // 1. Connect to next (its listener is bound before rendezvous; retry while it is not up yet).
-        let next = loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            match TcpStream::connect_timeout(
-                &next_addr,
-                remaining.clamp(Duration::from_millis(1), timeout),
-            ) {
-                Ok(s) => break s,
-                Err(e) => {
-                    if Instant::now() + Duration::from_millis(20) >= deadline {
-                        return Err(connect_err(e));
-                    }
-                    if let Some(e) = aborted() {
-                        return Err(e);
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            }
-        };
-        next.set_nodelay(true).map_err(connect_err)?;
-        next.set_write_timeout(Some(timeout)).map_err(connect_err)?;
-        (&next)
-            .write_all(&hello(rank, world, generation))
-            .map_err(|e| hs_err(next_rank, e))?;
-        next.set_nonblocking(true).map_err(connect_err)?;
-
-        // 2. Accept prev and read next's verdict, interleaved.
-        let RingListener {
-            listener,
-            addr: listen_addr,
-        } = listener;
-        let accept_err = |source| CollectiveError::Accept {
-            peer: prev_rank,
-            addr: listen_addr,
-            source,
-        };
-        listener.set_nonblocking(true).map_err(accept_err)?;
-        let mut prev: Option<TcpStream> = None;
-        let mut verdict = [0u8; REPLY_LEN];
-        let mut got = 0;
-        let mut refused: Vec<String> = Vec::new();
-        loop {
-            if prev.is_none() {
-                match listener.accept() {
-                    Ok((s, from)) => {
-                        let remaining = deadline.saturating_duration_since(Instant::now());
-                        let setup = s
-                            .set_nonblocking(false)
-                            .and_then(|_| s.set_nodelay(true))
-                            .and_then(|_| {
-                                s.set_read_timeout(Some(remaining.max(Duration::from_millis(1))))
-                            })
-                            .and_then(|_| s.set_write_timeout(Some(timeout)));
-                        let mut h = [0u8; HELLO_LEN];
-                        match setup.and_then(|_| (&s).read_exact(&mut h)) {
-                            Ok(()) => match check_hello(&h, prev_rank, world, generation) {
-                                Ok(()) => {
-                                    (&s).write_all(&reply(true, rank, world, generation))
-                                        .map_err(|e| hs_err(prev_rank, e))?;
-                                    prev = Some(s);
-                                }
-                                Err(why) => {
-                                    let _ = (&s).write_all(&reply(false, rank, world, generation));
-                                    tracing::warn!(from = %from, "collective ring: refused {why}");
-                                    refused.push(format!("refused {from} ({why})"));
-                                }
-                            },
-                            Err(e) => refused.push(format!("dropped {from} (no hello: {e})")),
-                        }
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock
-                                | io::ErrorKind::Interrupted
-                                | io::ErrorKind::ConnectionAborted
-                        ) => {}
-                    Err(e) => return Err(accept_err(e)),
-                }
-            }
-            if got < REPLY_LEN {
-                match (&next).read(&mut verdict[got..]) {
-                    Ok(0) => {
-                        return Err(CollectiveError::PeerClosed {
-                            peer: next_rank,
-                            op: "ring handshake".into(),
-                        })
-                    }
-                    Ok(k) => {
-                        got += k;
-                        if got == REPLY_LEN {
-                            if let Err(e) = check_verdict(
-                                &verdict, next_rank, next_addr, rank, world, generation,
-                            ) {
-                                // Answer whoever is already waiting in our backlog before going: a peer that
-                                // is refused learns why, instead of seeing its connection reset.
-                                refuse_pending(&listener, rank, world, generation);
-                                return Err(e);
-                            }
-                        }
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                        ) => {}
-                    Err(e) => return Err(hs_err(next_rank, e)),
-                }
-            }
-            if prev.is_some() && got == REPLY_LEN {
-                break;
-            }
-            if let Some(e) = aborted() {
-                return Err(e);
-            }
-            if Instant::now() >= deadline {
-                let waiting = match (prev.is_none(), got < REPLY_LEN) {
-                    (true, true) => format!(
-                        "waiting for rank {prev_rank} to connect to {listen_addr} and for rank {next_rank} at \
-                         {next_addr} to accept"
-                    ),
-                    (true, false) => format!("waiting for rank {prev_rank} to connect to {listen_addr}"),
-                    _ => format!("waiting for rank {next_rank} at {next_addr} to accept our connection"),
-                };
-                let detail = if refused.is_empty() {
-                    waiting
-                } else {
-                    format!("{waiting}; {}", refused.join("; "))
-                };
-                let peer = if prev.is_none() { prev_rank } else { next_rank };
-                return Err(CollectiveError::Timeout {
-                    peer,
-                    op: "ring connect".into(),
-                    timeout,
-                    detail,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let prev = prev.unwrap();
+        let next = spot.connect_next(&aborted)?;
+        let prev = spot.accept_prev(listener, &next, &aborted)?;
         for s in [&next, &prev] {
-            s.set_nonblocking(true).map_err(|e| hs_err(next_rank, e))?;
+            s.set_nonblocking(true)
+                .map_err(|e| spot.hs_err(spot.next_rank, e))?;
         }
         ring.links = Some((
             Link {
                 stream: next,
-                peer: next_rank,
+                peer: spot.next_rank,
             },
             Link {
                 stream: prev,
-                peer: prev_rank,
+                peer: spot.prev_rank,
             },
         ));
         tracing::debug!(rank, world, generation, "collective ring formed");
@@ -960,6 +884,239 @@ fn as_bytes_mut_u64(buf: &mut [u64]) -> &mut [u8] {
     // SAFETY: u64 has no padding and every byte pattern is valid.
     unsafe {
         std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, std::mem::size_of_val(buf))
+    }
+}
+
+/// Where this rank sits in the ring being formed: what every handshake step checks against.
+struct Spot {
+    rank: usize,
+    world: usize,
+    generation: u64,
+    next_rank: usize,
+    prev_rank: usize,
+    next_addr: SocketAddr,
+    timeout: Duration,
+    deadline: Instant,
+}
+
+impl Spot {
+    fn hs_err(&self, peer: usize, source: io::Error) -> CollectiveError {
+        CollectiveError::Io {
+            peer,
+            op: "ring handshake".into(),
+            source,
+        }
+    }
+
+    fn connect_err(&self, source: io::Error) -> CollectiveError {
+        CollectiveError::Connect {
+            peer: self.next_rank,
+            addr: self.next_addr,
+            source,
+        }
+    }
+
+    /// Step 1: connect to next (its listener is bound before rendezvous; retry while it is not up yet) and
+    /// send our hello.
+    fn connect_next(
+        &self,
+        aborted: &dyn Fn() -> Option<CollectiveError>,
+    ) -> Result<TcpStream, CollectiveError> {
+        let next = loop {
+            let remaining = self.deadline.saturating_duration_since(Instant::now());
+            let wait = remaining.clamp(Duration::from_millis(1), self.timeout);
+            match TcpStream::connect_timeout(&self.next_addr, wait) {
+                Ok(s) => break s,
+                Err(e) => {
+                    if Instant::now() + Duration::from_millis(20) >= self.deadline {
+                        return Err(self.connect_err(e));
+                    }
+                    if let Some(e) = aborted() {
+                        return Err(e);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        next.set_nodelay(true).map_err(|e| self.connect_err(e))?;
+        next.set_write_timeout(Some(self.timeout))
+            .map_err(|e| self.connect_err(e))?;
+        (&next)
+            .write_all(&hello(self.rank, self.world, self.generation))
+            .map_err(|e| self.hs_err(self.next_rank, e))?;
+        next.set_nonblocking(true)
+            .map_err(|e| self.connect_err(e))?;
+        Ok(next)
+    }
+
+    /// Step 2: accept prev (checking its hello) and read next's verdict on ours, interleaved, until both are
+    /// done, the deadline passes or `aborted` says stop.
+    fn accept_prev(
+        &self,
+        listener: RingListener,
+        next: &TcpStream,
+        aborted: &dyn Fn() -> Option<CollectiveError>,
+    ) -> Result<TcpStream, CollectiveError> {
+        let RingListener {
+            listener,
+            addr: listen_addr,
+        } = listener;
+        let accept_err = |source| CollectiveError::Accept {
+            peer: self.prev_rank,
+            addr: listen_addr,
+            source,
+        };
+        listener.set_nonblocking(true).map_err(accept_err)?;
+        let mut hs = Handshake {
+            prev: None,
+            verdict: [0u8; REPLY_LEN],
+            got: 0,
+            refused: Vec::new(),
+        };
+        loop {
+            if hs.prev.is_none() {
+                match listener.accept() {
+                    Ok((s, from)) => hs.greet(self, s, from)?,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::Interrupted
+                                | io::ErrorKind::ConnectionAborted
+                        ) => {}
+                    Err(e) => return Err(accept_err(e)),
+                }
+            }
+            hs.read_verdict(self, next, &listener)?;
+            if let (Some(_), REPLY_LEN) = (&hs.prev, hs.got) {
+                return Ok(hs.prev.take().expect("checked"));
+            }
+            if let Some(e) = aborted() {
+                return Err(e);
+            }
+            if Instant::now() >= self.deadline {
+                return Err(hs.timeout_error(self, listen_addr));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Step 2's state: prev once accepted, next's verdict so far, and the connections refused meanwhile.
+struct Handshake {
+    prev: Option<TcpStream>,
+    verdict: [u8; REPLY_LEN],
+    got: usize,
+    refused: Vec<String>,
+}
+
+impl Handshake {
+    /// Reads the hello of a connection to our listener: prev's is answered yes and kept; anyone else's is
+    /// answered no (or dropped when it says nothing in time) and noted for the timeout message.
+    fn greet(
+        &mut self,
+        spot: &Spot,
+        s: TcpStream,
+        from: SocketAddr,
+    ) -> Result<(), CollectiveError> {
+        let remaining = spot.deadline.saturating_duration_since(Instant::now());
+        let setup = s
+            .set_nonblocking(false)
+            .and_then(|_| s.set_nodelay(true))
+            .and_then(|_| s.set_read_timeout(Some(remaining.max(Duration::from_millis(1)))))
+            .and_then(|_| s.set_write_timeout(Some(spot.timeout)));
+        let mut h = [0u8; HELLO_LEN];
+        if let Err(e) = setup.and_then(|_| (&s).read_exact(&mut h)) {
+            self.refused.push(format!("dropped {from} (no hello: {e})"));
+            return Ok(());
+        }
+        let (rank, world, generation) = (spot.rank, spot.world, spot.generation);
+        match check_hello(&h, spot.prev_rank, world, generation) {
+            Ok(()) => {
+                (&s).write_all(&reply(true, rank, world, generation))
+                    .map_err(|e| spot.hs_err(spot.prev_rank, e))?;
+                self.prev = Some(s);
+            }
+            Err(why) => {
+                let _ = (&s).write_all(&reply(false, rank, world, generation));
+                tracing::warn!(from = %from, "collective ring: refused {why}");
+                self.refused.push(format!("refused {from} ({why})"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what has arrived of next's verdict on our hello; a refusal is an error.
+    fn read_verdict(
+        &mut self,
+        spot: &Spot,
+        next: &TcpStream,
+        listener: &TcpListener,
+    ) -> Result<(), CollectiveError> {
+        if self.got == REPLY_LEN {
+            return Ok(());
+        }
+        match (&*next).read(&mut self.verdict[self.got..]) {
+            Ok(0) => Err(CollectiveError::PeerClosed {
+                peer: spot.next_rank,
+                op: "ring handshake".into(),
+            }),
+            Ok(k) => {
+                self.got += k;
+                if self.got < REPLY_LEN {
+                    return Ok(());
+                }
+                let (rank, world, generation) = (spot.rank, spot.world, spot.generation);
+                check_verdict(
+                    &self.verdict,
+                    spot.next_rank,
+                    spot.next_addr,
+                    rank,
+                    world,
+                    generation,
+                )
+                // Answer whoever is already waiting in our backlog before going: a peer that is refused
+                // learns why, instead of seeing its connection reset.
+                .inspect_err(|_| refuse_pending(listener, rank, world, generation))
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(spot.hs_err(spot.next_rank, e)),
+        }
+    }
+
+    /// The timeout error: who we were still waiting for, and who was refused meanwhile.
+    fn timeout_error(&self, spot: &Spot, listen_addr: SocketAddr) -> CollectiveError {
+        let (prev_rank, next_rank, next_addr) = (spot.prev_rank, spot.next_rank, spot.next_addr);
+        let waiting = match (self.prev.is_none(), self.got < REPLY_LEN) {
+            (true, true) => format!(
+                "waiting for rank {prev_rank} to connect to {listen_addr} and for rank {next_rank} at \
+                 {next_addr} to accept"
+            ),
+            (true, false) => format!("waiting for rank {prev_rank} to connect to {listen_addr}"),
+            _ => format!("waiting for rank {next_rank} at {next_addr} to accept our connection"),
+        };
+        let detail = if self.refused.is_empty() {
+            waiting
+        } else {
+            format!("{waiting}; {}", self.refused.join("; "))
+        };
+        CollectiveError::Timeout {
+            peer: if self.prev.is_none() {
+                prev_rank
+            } else {
+                next_rank
+            },
+            op: "ring connect".into(),
+            timeout: spot.timeout,
+            detail,
+        }
     }
 }
 

@@ -239,13 +239,13 @@ fn apply_overrides(a: &PlanArgs, input: &mut PlanInput) -> Result<(), PlanError>
     if let Some(f) = &a.freeze {
         input.freeze = f
             .iter()
-            .map(|x| match x.trim() {
-                "vision_tower" => Ok(FreezeTarget::VisionTower),
-                "projector" => Ok(FreezeTarget::Projector),
-                "language_model" => Ok(FreezeTarget::LanguageModel),
-                other => Err(PlanError::Usage(format!(
-                    "--freeze {other:?}: expected vision_tower, projector or language_model"
-                ))),
+            .map(|x| {
+                let x = x.trim();
+                FreezeTarget::from_name(x).ok_or_else(|| {
+                    PlanError::Usage(format!(
+                        "--freeze {x:?}: expected vision_tower, projector or language_model"
+                    ))
+                })
             })
             .collect::<Result<_, _>>()?;
     }
@@ -331,15 +331,7 @@ fn print_table(
         );
     }
     let first = &bases[0];
-    let freeze: Vec<&str> = first
-        .freeze
-        .iter()
-        .map(|f| match f {
-            FreezeTarget::VisionTower => "vision_tower",
-            FreezeTarget::Projector => "projector",
-            FreezeTarget::LanguageModel => "language_model",
-        })
-        .collect();
+    let freeze: Vec<&str> = first.freeze.iter().map(|f| f.name()).collect();
     println!(
         "\nGiB per {}; micro_batch_size {}, {}, shared_prefix {}, reference {}, frozen: {}; other = runtime \
          overhead, backward and update transients, communication bucket{}. LoRA: total per device with the base \
@@ -348,10 +340,7 @@ fn print_table(
         first.micro_batch_size,
         first.lengths.source,
         first.shared_prefix,
-        match first.reference {
-            ReferenceMode::Cached => "cached",
-            ReferenceMode::Online => "online",
-        },
+        first.reference.name(),
         if freeze.is_empty() { "nothing (full fine-tuning)".to_string() } else { freeze.join(", ") },
         if plan_device == PlanDevice::Cpu { ", data feed" } else { "" },
     );

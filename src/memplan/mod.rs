@@ -796,19 +796,46 @@ impl MemoryPlan {
 
     /// A readable table of the terms (the text `ddpo plan` prints and training logs).
     pub fn table(&self, memory: Option<&DeviceMemory>) -> String {
-        let i = &self.input;
-        let world = i.world.max(1);
-        let sharded = |stage: u8| {
-            if i.zero_stage >= stage && world > 1 {
-                format!(", 1/{world} (ZeRO-{})", i.zero_stage)
-            } else {
-                String::new()
+        let mut out = self.header();
+        for (name, bytes, note) in self.rows() {
+            let _ = writeln!(out, "  {name:<22} {:>11}  {note}", fmt_bytes(bytes));
+        }
+        match memory {
+            Some(m) => {
+                let _ = writeln!(
+                    out,
+                    "  {:<22} {:>11}  {}",
+                    "device memory",
+                    fmt_bytes(m.bytes),
+                    m.source
+                );
+                let verdict = if self.total <= m.bytes {
+                    "fits"
+                } else {
+                    "DOES NOT FIT"
+                };
+                let share = 100.0 * self.total as f64 / m.bytes.max(1) as f64;
+                let _ = writeln!(out, "  {verdict}: {share:.0} % of the device");
             }
-        };
-        let adapters = i
-            .lora
+            None => {
+                let _ = writeln!(out, "  device memory unknown: fit not checked");
+            }
+        }
+        out
+    }
+
+    /// Adapter parameters (0 without LoRA).
+    fn adapter_params(&self) -> u64 {
+        let i = &self.input;
+        i.lora
             .as_ref()
-            .map_or(0, |l| l.params(&i.model.text_config));
+            .map_or(0, |l| l.params(&i.model.text_config))
+    }
+
+    /// The table's first lines: the model and run, the micro-batch's shape, the adapters.
+    fn header(&self) -> String {
+        let i = &self.input;
+        let adapters = self.adapter_params();
         let trainable = self.params.trainable(&i.freeze) + adapters;
         let mut out = String::new();
         let _ = writeln!(
@@ -819,160 +846,103 @@ impl MemoryPlan {
             count(trainable),
             i.dtype.name(),
             i.device.name(),
-            world,
+            i.world.max(1),
             i.zero_stage
         );
-        let layout = if i.shared_prefix {
-            format!(
-                "{} sequence(s) of {} tokens (prompt {} + 2 x {} response)",
-                self.shape.rows, self.shape.len, i.lengths.prompt, i.lengths.response
-            )
+        let responses = if i.shared_prefix { "2 x " } else { "" };
+        let rows = if i.shared_prefix {
+            "sequence(s)"
         } else {
-            format!(
-                "{} sequences of {} tokens (prompt {} + {} response)",
-                self.shape.rows, self.shape.len, i.lengths.prompt, i.lengths.response
-            )
+            "sequences"
         };
         let _ = writeln!(
             out,
-            "  micro-batch {} pair(s): {}, {} vocabulary positions; {}; reference {}",
+            "  micro-batch {} pair(s): {} {rows} of {} tokens (prompt {} + {responses}{} response), {} vocabulary \
+             positions; {}; reference {}",
             i.micro_batch_size,
-            layout,
+            self.shape.rows,
+            self.shape.len,
+            i.lengths.prompt,
+            i.lengths.response,
             self.shape.positions,
             i.lengths.source,
-            match i.reference {
-                ReferenceMode::Cached => "cached",
-                ReferenceMode::Online => "online",
-            }
+            i.reference.name()
         );
         if let Some(l) = &i.lora {
+            let dropout = if l.dropout { ", dropout" } else { "" };
             let _ = writeln!(
                 out,
-                "  LoRA rank {} on {} ({} adapter parameters; base frozen){}",
+                "  LoRA rank {} on {} ({} adapter parameters; base frozen){dropout}",
                 l.rank,
                 l.targets.join(", "),
-                count(adapters),
-                if l.dropout { ", dropout" } else { "" }
+                count(adapters)
             );
-        }
-        let mut row = |name: &str, bytes: u64, note: String| {
-            let _ = writeln!(out, "  {name:<22} {:>11}  {note}", fmt_bytes(bytes));
-        };
-        row(
-            "weights",
-            self.weights,
-            format!(
-                "{} x {} B",
-                count(self.params.total() + adapters),
-                i.dtype.bytes()
-            ),
-        );
-        row(
-            "gradients",
-            self.gradients,
-            format!(
-                "{} with a gradient{}",
-                count(self.params.with_gradient(&i.freeze) + adapters),
-                sharded(2)
-            ),
-        );
-        row(
-            "fp32 master weights",
-            self.masters,
-            if i.dtype == WeightDtype::Bf16 {
-                format!("bf16 weights{}", sharded(1))
-            } else {
-                "none: fp32 weights".into()
-            },
-        );
-        row(
-            "AdamW moments",
-            self.moments,
-            format!("2 x fp32{}", sharded(1)),
-        );
-        if self.reference_weights > 0 {
-            row(
-                "reference model",
-                self.reference_weights,
-                "online reference".into(),
-            );
-        }
-        if self.comm_buffers > 0 {
-            row(
-                "communication bucket",
-                self.comm_buffers,
-                "gradient bucket".into(),
-            );
-        }
-        if self.data_feed > 0 {
-            row(
-                "data feed",
-                self.data_feed,
-                format!("{FEED_DEPTH} steps of micro-batches ahead"),
-            );
-        }
-        row(
-            "runtime overhead",
-            self.overhead,
-            match i.device {
-                PlanDevice::Cpu => "libtorch, threads, tokenizer, reader (measured)".into(),
-                PlanDevice::Cuda => "CUDA context, libtorch kernels, NCCL (estimate)".into(),
-            },
-        );
-        let a = &self.activations;
-        row(
-            "activations",
-            a.total(),
-            format!(
-                "saved for backward: vision {}, projector {}, decoder {}, log-probs {}{}",
-                fmt_bytes(a.vision),
-                fmt_bytes(a.projector),
-                fmt_bytes(a.language_model),
-                fmt_bytes(a.logits),
-                if a.lora > 0 {
-                    format!(", LoRA {}", fmt_bytes(a.lora))
-                } else {
-                    String::new()
-                }
-            ),
-        );
-        row(
-            "backward transients",
-            self.backward_transient,
-            "log-prob chunk gradients, LM-head weight gradient".into(),
-        );
-        row(
-            "update temporaries",
-            self.update_transient,
-            format!("AdamW, largest tensor{}", sharded(1)),
-        );
-        row(
-            "total",
-            self.total,
-            match i.device {
-                PlanDevice::Cpu => "every term adds (CPU)".into(),
-                PlanDevice::Cuda => "fixed + max(activations + backward, update) (CUDA)".into(),
-            },
-        );
-        match memory {
-            Some(m) => {
-                row("device memory", m.bytes, m.source.clone());
-                let _ = writeln!(
-                    out,
-                    "  {}: {:.0} % of the device",
-                    if self.total <= m.bytes {
-                        "fits"
-                    } else {
-                        "DOES NOT FIT"
-                    },
-                    100.0 * self.total as f64 / m.bytes.max(1) as f64
-                );
-            }
-            None => {
-                let _ = writeln!(out, "  device memory unknown: fit not checked");
-            }
         }
         out
+    }
+
+    /// One (name, bytes, how it is counted) row per term, the total last; terms that are zero for this run
+    /// (reference model, communication bucket, data feed) are left out.
+    fn rows(&self) -> Vec<(&'static str, u64, String)> {
+        let i = &self.input;
+        let world = i.world.max(1);
+        let sharded = |stage: u8| match i.zero_stage >= stage && world > 1 {
+            true => format!(", 1/{world} (ZeRO-{})", i.zero_stage),
+            false => String::new(),
+        };
+        let adapters = self.adapter_params();
+        let a = &self.activations;
+        let lora_acts = match a.lora > 0 {
+            true => format!(", LoRA {}", fmt_bytes(a.lora)),
+            false => String::new(),
+        };
+        let (overhead, total) = match i.device {
+            PlanDevice::Cpu => (
+                "libtorch, threads, tokenizer, reader (measured)",
+                "every term adds (CPU)",
+            ),
+            PlanDevice::Cuda => (
+                "CUDA context, libtorch kernels, NCCL (estimate)",
+                "fixed + max(activations + backward, update) (CUDA)",
+            ),
+        };
+        let masters = match i.dtype == WeightDtype::Bf16 {
+            true => format!("bf16 weights{}", sharded(1)),
+            false => "none: fp32 weights".into(),
+        };
+        let with_gradient = count(self.params.with_gradient(&i.freeze) + adapters);
+        let rows = [
+            ("weights", self.weights, format!("{} x {} B", count(self.params.total() + adapters), i.dtype.bytes())),
+            ("gradients", self.gradients, format!("{with_gradient} with a gradient{}", sharded(2))),
+            ("fp32 master weights", self.masters, masters),
+            ("AdamW moments", self.moments, format!("2 x fp32{}", sharded(1))),
+            ("reference model", self.reference_weights, "online reference".into()),
+            ("communication bucket", self.comm_buffers, "gradient bucket".into()),
+            ("data feed", self.data_feed, format!("{FEED_DEPTH} steps of micro-batches ahead")),
+            ("runtime overhead", self.overhead, overhead.into()),
+            (
+                "activations",
+                a.total(),
+                format!(
+                    "saved for backward: vision {}, projector {}, decoder {}, log-probs {}{lora_acts}",
+                    fmt_bytes(a.vision),
+                    fmt_bytes(a.projector),
+                    fmt_bytes(a.language_model),
+                    fmt_bytes(a.logits)
+                ),
+            ),
+            (
+                "backward transients",
+                self.backward_transient,
+                "log-prob chunk gradients, LM-head weight gradient".into(),
+            ),
+            ("update temporaries", self.update_transient, format!("AdamW, largest tensor{}", sharded(1))),
+            ("total", self.total, total.into()),
+        ];
+        let optional = ["reference model", "communication bucket", "data feed"];
+        rows.into_iter()
+            .filter(|(name, bytes, _)| *bytes > 0 || !optional.contains(name))
+            .collect()
     }
 }
 
