@@ -483,22 +483,8 @@ impl RefCache {
         let source_bytes = fs::metadata(shard).map_err(io_err(shard))?.len();
         let file = self.file_for(shard);
         let name = file_name(&file);
-        let tmp = self.dir.join(format!(
-            ".{name}.{}.{}.tmp",
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
-        let pad_id = pre.pad_id();
-        let image_hw = pre
-            .image
-            .fixed_output_size()
-            .ok_or_else(|| CacheError::Compute {
-                shard: shard.to_owned(),
-                reason: "the image processor has no fixed output size".into(),
-            })?;
+        let tmp = fsx::temp_sibling(&file);
+        let (pad_id, image_hw) = (pre.pad_id(), pre.image_hw());
         let fwd = Forward {
             model,
             shard,
@@ -558,8 +544,7 @@ impl RefCache {
                 skipped_rows: stats.first_errors.iter().map(|e| e.to_string()).collect(),
             };
             sink.finish(&entry)?;
-            fs::rename(&tmp, &file).map_err(io_err(&file))?;
-            sync_dir(&self.dir);
+            fsx::commit(&tmp, &file).map_err(io_err(&file))?;
             Ok((entry, stats.first_errors))
         })();
         let (entry, skipped) = match result {
@@ -1190,11 +1175,6 @@ fn same_type(a: &DataType, b: &DataType) -> bool {
 /// Writes `bytes` to `path` through a temporary sibling and a rename ([`fsx::write_atomic`]).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CacheError> {
     fsx::write_atomic(path, bytes).map_err(io_err(path))
-}
-
-/// Makes a rename durable (best effort: not every filesystem allows syncing a directory).
-fn sync_dir(dir: &Path) {
-    let _ = fsx::sync_dir(dir);
 }
 
 fn hex(bytes: &[u8]) -> String {

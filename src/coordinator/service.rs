@@ -278,3 +278,51 @@ fn wire_status(s: JobStatus) -> pb::JobStatus {
         message: s.message,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn refusals_become_the_grpc_codes_that_say_why() {
+        let cases = [
+            (JobError::InvalidArgument("a".into()), Code::InvalidArgument),
+            (JobError::NotFound("b".into()), Code::NotFound),
+            (
+                JobError::FailedPrecondition("c".into()),
+                Code::FailedPrecondition,
+            ),
+            (
+                JobError::PermissionDenied("d".into()),
+                Code::PermissionDenied,
+            ),
+        ];
+        for (e, code) in cases {
+            let msg = e.to_string();
+            let s = Status::from(e);
+            assert_eq!((s.code(), s.message()), (code, msg.as_str()));
+        }
+    }
+
+    #[test]
+    fn a_worker_reports_only_its_own_states() {
+        assert_eq!(
+            worker_state(pb::WorkerState::Unspecified).unwrap(),
+            WorkerState::Idle
+        );
+        assert_eq!(
+            worker_state(pb::WorkerState::Exited).unwrap(),
+            WorkerState::Exited
+        );
+        for s in [
+            pb::WorkerState::Registered,
+            pb::WorkerState::Ready,
+            pb::WorkerState::Dead,
+        ] {
+            let e = worker_state(s).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument);
+            assert!(e.message().contains(s.as_str_name()), "{}", e.message());
+        }
+    }
+}

@@ -30,10 +30,10 @@ mod step;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use tch::{Device, Kind};
+use tch::Device;
 
 use crate::collective::{Collective, CollectiveError, LocalCollective};
-use crate::config::{Config, Dtype};
+use crate::config::Config;
 use crate::data::DataError;
 use crate::refcache::CacheError;
 
@@ -114,11 +114,6 @@ pub struct TrainReport {
     /// Bytes of gradients this rank held from the gradient exchange to the update, at the last applied step
     /// (whole gradients; under ZeRO-2 only the owned slices, about 1/world).
     pub gradient_bytes_at_update: usize,
-}
-
-/// The weight dtype of `model.dtype` on `device` ([`Dtype::weight_kind`]).
-pub fn weight_kind(dtype: Dtype, device: Device) -> Kind {
-    dtype.weight_kind(device)
 }
 
 /// Runs (or resumes) training as the config says, in this process alone.

@@ -15,11 +15,11 @@ use tch::{Device, Kind, Tensor};
 
 static WARM: Once = Once::new();
 
-/// The unary ops ATen hands to MKL VML (`aten/src/ATen/cpu/vml.h`, `IMPLEMENT_VML_MKL`) plus `log`'s own VML
-/// path, each in fp32 and fp64 (separate MKL functions).
 /// A unary tensor op.
 type UnaryOp = fn(&Tensor) -> Tensor;
 
+/// The unary ops ATen hands to MKL VML (`aten/src/ATen/cpu/vml.h`, `IMPLEMENT_VML_MKL`) plus `log`'s own VML
+/// path, each in fp32 and fp64 (separate MKL functions).
 const VML_OPS: &[(&str, UnaryOp)] = &[
     ("acos", Tensor::acos),
     ("asin", Tensor::asin),
@@ -41,7 +41,7 @@ const VML_OPS: &[(&str, UnaryOp)] = &[
 
 /// Resolves MKL VML's kernel dispatch once per process, on the calling thread. Idempotent and cheap after the
 /// first call; other threads calling it meanwhile wait until it is done. Call before any tensor work: every
-/// binary does at start, and the library's entry points (model construction, the optimizer, precompute) do too.
+/// binary does at start ([`init_process`]), and so do model construction and the optimizer, for library users.
 pub fn warm_up() {
     WARM.call_once(|| {
         for kind in [Kind::Float, Kind::Double] {
@@ -70,11 +70,6 @@ pub fn init_process() {
     warm_up();
 }
 
-/// Whether [`warm_up`] has run in this process.
-pub fn is_warm() -> bool {
-    WARM.is_completed()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,7 +79,6 @@ mod tests {
     #[test]
     fn warm_ops_are_accurate_on_every_thread() {
         warm_up();
-        assert!(is_warm());
         let host: Vec<f32> = (0..200_000).map(|i| 0.001 + i as f32 * 0.0173).collect();
         let x = Tensor::from_slice(&host);
         type Exact = fn(f64) -> f64;

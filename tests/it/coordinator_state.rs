@@ -232,3 +232,13 @@ fn a_member_leaving_before_it_joins_dissolves_the_world() {
     assert_eq!(ra.peers, vec!["127.0.0.1:2004", "127.0.0.1:2003"]);
     assert_ne!(kind(&job.next_task(&b, "127.0.0.1:2002").unwrap()), "train");
 }
+
+/// A data pattern that matches nothing is refused when the job is made, naming the config key.
+#[test]
+fn a_job_without_data_names_the_key() {
+    let (dir, mut cfg) = setup(1);
+    cfg.data.eval = vec![format!("{}/nowhere/*.parquet", dir.path().display())];
+    let e = Job::new(cfg, String::new()).err().expect("refused");
+    assert_eq!(e.key, "data.eval");
+    assert!(e.to_string().starts_with("data.eval: "), "{e}");
+}
