@@ -593,158 +593,19 @@ impl Config {
 
     /// Range and consistency checks; each message names the key.
     pub fn validate(&self) -> Vec<String> {
-        let mut p = Vec::new();
-        let mut check = |ok: bool, msg: String| {
-            if !ok {
-                p.push(msg);
-            }
-        };
-        let l = &self.lora;
-        if l.rank > 0 {
-            check(
-                l.alpha.is_finite() && l.alpha > 0.0,
-                format!("lora.alpha = {}: must be > 0", l.alpha),
-            );
-            check(
-                (0.0..1.0).contains(&l.dropout),
-                format!("lora.dropout = {}: must be in [0, 1)", l.dropout),
-            );
-            check(
-                !l.target_modules.is_empty(),
-                "lora.target_modules is empty".into(),
-            );
-            for t in &l.target_modules {
-                check(
-                    LORA_TARGETS.contains(&t.as_str()),
-                    format!(
-                        "lora.target_modules: {t:?} is not one of {}",
-                        LORA_TARGETS.join(", ")
-                    ),
-                );
-            }
+        let mut p = Problems::default();
+        if self.lora.rank > 0 {
+            check_lora(&self.lora, &mut p);
         }
-        let d = &self.ddpo;
-        check(
-            d.beta.is_finite() && d.beta > 0.0,
-            format!("ddpo.beta = {}: must be > 0", d.beta),
-        );
-        check(
-            d.gamma.is_finite() && d.gamma >= 1.0,
-            format!(
-                "ddpo.gamma = {}: must be >= 1 (changed tokens weigh at least as much as the rest)",
-                d.gamma
-            ),
-        );
-        check(
-            d.sft_weight.is_finite() && d.sft_weight >= 0.0,
-            format!("ddpo.sft_weight = {}: must be >= 0", d.sft_weight),
-        );
-        check(
-            d.min_match >= 1,
-            "ddpo.min_match = 0: must be >= 1".to_string(),
-        );
-        let t = &self.train;
-        check(t.epochs >= 1, "train.epochs = 0: must be >= 1".into());
-        check(
-            t.batch_size >= 1,
-            "train.batch_size = 0: must be >= 1".into(),
-        );
-        check(
-            t.micro_batch_size >= 1,
-            "train.micro_batch_size = 0: must be >= 1".into(),
-        );
-        check(
-            t.zero_stage <= 2,
-            format!("train.zero_stage = {}: must be 0, 1 or 2", t.zero_stage),
-        );
-        check(
-            t.lr.is_finite() && t.lr > 0.0,
-            format!("train.lr = {}: must be > 0", t.lr),
-        );
-        check(
-            t.weight_decay.is_finite() && t.weight_decay >= 0.0,
-            format!("train.weight_decay = {}: must be >= 0", t.weight_decay),
-        );
-        check(
-            (0.0..1.0).contains(&t.warmup_ratio),
-            format!("train.warmup_ratio = {}: must be in [0, 1)", t.warmup_ratio),
-        );
-        check(
-            t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0,
-            format!(
-                "train.max_grad_norm = {}: must be >= 0 (0 turns clipping off)",
-                t.max_grad_norm
-            ),
-        );
-        check(t.log_every >= 1, "train.log_every = 0: must be >= 1".into());
-        check(
-            t.keep_last >= 1,
-            "train.keep_last = 0: must be >= 1 (resume needs a checkpoint)".into(),
-        );
-        let c = &self.cluster;
-        check(
-            c.world_size >= 1,
-            "cluster.world_size = 0: must be >= 1".into(),
-        );
-        if t.micro_batch_size >= 1 && c.world_size >= 1 && t.batch_size >= 1 {
-            let per_step = t.micro_batch_size * c.world_size;
-            check(
-                t.batch_size % per_step == 0,
-                format!(
-                    "train.batch_size = {} must be a multiple of train.micro_batch_size ({}) x cluster.world_size ({}) = {per_step}; \
-                     e.g. batch_size = {} gives {} accumulation step(s)",
-                    t.batch_size,
-                    t.micro_batch_size,
-                    c.world_size,
-                    per_step * (t.batch_size / per_step).max(1),
-                    (t.batch_size / per_step).max(1)
-                ),
-            );
-        }
-        check(
-            c.heartbeat_secs >= 1,
-            "cluster.heartbeat_secs = 0: must be >= 1".into(),
-        );
-        check(
-            c.heartbeat_timeout_secs > c.heartbeat_secs,
-            format!(
-                "cluster.heartbeat_timeout_secs = {} must exceed cluster.heartbeat_secs = {}",
-                c.heartbeat_timeout_secs, c.heartbeat_secs
-            ),
-        );
-        check(
-            c.collective_timeout_secs >= 1,
-            "cluster.collective_timeout_secs = 0: must be >= 1".into(),
-        );
-        check(
-            c.listen.parse::<std::net::SocketAddr>().is_ok(),
-            format!(
-                "cluster.listen = {:?}: not a socket address like 0.0.0.0:50051",
-                c.listen
-            ),
-        );
-        let dc = &self.data;
-        check(
-            !dc.train.is_empty(),
-            "data.train is empty: list at least one parquet path or glob".into(),
-        );
-        check(
-            dc.max_length >= 8,
-            format!("data.max_length = {}: must be >= 8", dc.max_length),
-        );
-        check(
-            TEMPLATE_NAMES.contains(&dc.template.as_str()),
-            format!(
-                "data.template = {:?}: unknown; known: {}",
-                dc.template,
-                TEMPLATE_NAMES.join(", ")
-            ),
-        );
-        check(
+        check_ddpo(&self.ddpo, &mut p);
+        check_train(&self.train, &mut p);
+        check_cluster(&self.cluster, &self.train, &mut p);
+        check_data(&self.data, &mut p);
+        p.check(
             !self.model.path.as_os_str().is_empty(),
             "model.path is empty".into(),
         );
-        p
+        p.0
     }
 
     /// The job's model identity: sha256 over the model directory's config, tokenizer and image-processor files
@@ -780,6 +641,179 @@ impl Config {
     pub fn accumulation_steps(&self) -> usize {
         self.train.batch_size / (self.train.micro_batch_size * self.cluster.world_size)
     }
+}
+
+/// Problems found by `validate`, all of them, in the order checked.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn check(&mut self, ok: bool, msg: String) {
+        if !ok {
+            self.0.push(msg);
+        }
+    }
+}
+
+/// `[lora]`, checked only when adapters are on (`rank > 0`).
+fn check_lora(l: &LoraConfig, p: &mut Problems) {
+    p.check(
+        l.alpha.is_finite() && l.alpha > 0.0,
+        format!("lora.alpha = {}: must be > 0", l.alpha),
+    );
+    p.check(
+        (0.0..1.0).contains(&l.dropout),
+        format!("lora.dropout = {}: must be in [0, 1)", l.dropout),
+    );
+    p.check(
+        !l.target_modules.is_empty(),
+        "lora.target_modules is empty".into(),
+    );
+    for t in &l.target_modules {
+        p.check(
+            LORA_TARGETS.contains(&t.as_str()),
+            format!(
+                "lora.target_modules: {t:?} is not one of {}",
+                LORA_TARGETS.join(", ")
+            ),
+        );
+    }
+}
+
+/// `[ddpo]`: the loss hyper-parameters.
+fn check_ddpo(d: &DdpoConfig, p: &mut Problems) {
+    p.check(
+        d.beta.is_finite() && d.beta > 0.0,
+        format!("ddpo.beta = {}: must be > 0", d.beta),
+    );
+    p.check(
+        d.gamma.is_finite() && d.gamma >= 1.0,
+        format!(
+            "ddpo.gamma = {}: must be >= 1 (changed tokens weigh at least as much as the rest)",
+            d.gamma
+        ),
+    );
+    p.check(
+        d.sft_weight.is_finite() && d.sft_weight >= 0.0,
+        format!("ddpo.sft_weight = {}: must be >= 0", d.sft_weight),
+    );
+    p.check(
+        d.min_match >= 1,
+        "ddpo.min_match = 0: must be >= 1".to_string(),
+    );
+}
+
+/// `[train]` on its own (the batch arithmetic with the world size is in [`check_cluster`]).
+fn check_train(t: &TrainConfig, p: &mut Problems) {
+    p.check(t.epochs >= 1, "train.epochs = 0: must be >= 1".into());
+    p.check(
+        t.batch_size >= 1,
+        "train.batch_size = 0: must be >= 1".into(),
+    );
+    p.check(
+        t.micro_batch_size >= 1,
+        "train.micro_batch_size = 0: must be >= 1".into(),
+    );
+    p.check(
+        t.zero_stage <= 2,
+        format!("train.zero_stage = {}: must be 0, 1 or 2", t.zero_stage),
+    );
+    p.check(
+        t.lr.is_finite() && t.lr > 0.0,
+        format!("train.lr = {}: must be > 0", t.lr),
+    );
+    p.check(
+        t.weight_decay.is_finite() && t.weight_decay >= 0.0,
+        format!("train.weight_decay = {}: must be >= 0", t.weight_decay),
+    );
+    p.check(
+        (0.0..1.0).contains(&t.warmup_ratio),
+        format!("train.warmup_ratio = {}: must be in [0, 1)", t.warmup_ratio),
+    );
+    p.check(
+        t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0,
+        format!(
+            "train.max_grad_norm = {}: must be >= 0 (0 turns clipping off)",
+            t.max_grad_norm
+        ),
+    );
+    p.check(t.log_every >= 1, "train.log_every = 0: must be >= 1".into());
+    p.check(
+        t.keep_last >= 1,
+        "train.keep_last = 0: must be >= 1 (resume needs a checkpoint)".into(),
+    );
+}
+
+/// `[cluster]`, and the batch size as a multiple of micro-batch x world size.
+fn check_cluster(c: &ClusterConfig, t: &TrainConfig, p: &mut Problems) {
+    p.check(
+        c.world_size >= 1,
+        "cluster.world_size = 0: must be >= 1".into(),
+    );
+    let per_step = t.micro_batch_size.checked_mul(c.world_size);
+    p.check(
+        per_step.is_some(),
+        format!(
+            "train.micro_batch_size ({}) x cluster.world_size ({}) is too large",
+            t.micro_batch_size, c.world_size
+        ),
+    );
+    if let Some(per_step) = per_step.filter(|&n| n >= 1 && t.batch_size >= 1) {
+        p.check(
+            t.batch_size % per_step == 0,
+            format!(
+                "train.batch_size = {} must be a multiple of train.micro_batch_size ({}) x cluster.world_size ({}) = {per_step}; \
+                 e.g. batch_size = {} gives {} accumulation step(s)",
+                t.batch_size,
+                t.micro_batch_size,
+                c.world_size,
+                per_step * (t.batch_size / per_step).max(1),
+                (t.batch_size / per_step).max(1)
+            ),
+        );
+    }
+    p.check(
+        c.heartbeat_secs >= 1,
+        "cluster.heartbeat_secs = 0: must be >= 1".into(),
+    );
+    p.check(
+        c.heartbeat_timeout_secs > c.heartbeat_secs,
+        format!(
+            "cluster.heartbeat_timeout_secs = {} must exceed cluster.heartbeat_secs = {}",
+            c.heartbeat_timeout_secs, c.heartbeat_secs
+        ),
+    );
+    p.check(
+        c.collective_timeout_secs >= 1,
+        "cluster.collective_timeout_secs = 0: must be >= 1".into(),
+    );
+    p.check(
+        c.listen.parse::<std::net::SocketAddr>().is_ok(),
+        format!(
+            "cluster.listen = {:?}: not a socket address like 0.0.0.0:50051",
+            c.listen
+        ),
+    );
+}
+
+/// `[data]`.
+fn check_data(dc: &DataConfig, p: &mut Problems) {
+    p.check(
+        !dc.train.is_empty(),
+        "data.train is empty: list at least one parquet path or glob".into(),
+    );
+    p.check(
+        dc.max_length >= 8,
+        format!("data.max_length = {}: must be >= 8", dc.max_length),
+    );
+    p.check(
+        TEMPLATE_NAMES.contains(&dc.template.as_str()),
+        format!(
+            "data.template = {:?}: unknown; known: {}",
+            dc.template,
+            TEMPLATE_NAMES.join(", ")
+        ),
+    );
 }
 
 /// The full key tree, from a default config serialised (so new fields are known automatically).
@@ -932,6 +966,16 @@ train = ["d/*.parquet"]
         assert!(e.contains("\"qproj\" is not one of q_proj"), "{e}");
         let c = parse_env(MINIMAL, &[("DDPO__LORA__TARGET_MODULES", "v_proj,o_proj")]).unwrap();
         assert_eq!(c.lora.target_modules, ["v_proj", "o_proj"]);
+    }
+
+    #[test]
+    fn absurd_batch_sizes_are_refused_not_overflowed() {
+        let e = parse(&format!(
+            "{MINIMAL}\n[train]\nmicro_batch_size = 9223372036854775807\n[cluster]\nworld_size = 4\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("is too large"), "{e}");
     }
 
     #[test]

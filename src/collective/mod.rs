@@ -82,7 +82,7 @@ pub enum CollectiveError {
     },
     /// NCCL (or the CUDA driver it needs) cannot be used on this machine.
     #[error("NCCL unavailable: {0}")]
-    NcclUnavailable(String),
+    NcclUnavailable(#[from] nccl::Unavailable),
     /// An NCCL or CUDA call failed.
     #[error("NCCL {op} failed: {detail}")]
     Nccl { op: String, detail: String },

@@ -163,7 +163,27 @@ pub fn nccl_library_candidates() -> Vec<PathBuf> {
     out
 }
 
-fn load_api() -> Result<Api, String> {
+/// Why NCCL cannot be used on this machine; found once per process and kept.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unavailable {
+    #[error(
+        "no NCCL library could be loaded (set {NCCL_LIBRARY_ENV} to the path of libnccl.so.2); tried: {}",
+        tried.join("; ")
+    )]
+    NotFound { tried: Vec<String> },
+    #[error("NCCL library {} found but unusable: {reason}", path.display())]
+    Unusable { path: PathBuf, reason: String },
+    #[error("{} is NCCL {version}; at least {NCCL_MIN_VERSION} is needed", path.display())]
+    TooOld { path: PathBuf, version: c_int },
+    #[error("the CUDA driver library (libcuda.so.1) is not present")]
+    NoDriver,
+    #[error("the CUDA driver reports no device")]
+    NoDevice,
+    #[error("the CUDA driver cannot be initialised: {0}")]
+    DriverInit(String),
+}
+
+fn load_api() -> Result<Api, Unavailable> {
     let mut tried = Vec::new();
     for path in nccl_library_candidates() {
         // SAFETY: loading NCCL runs its (trivial) initialisers; no other code of ours runs concurrently with it.
@@ -174,48 +194,53 @@ fn load_api() -> Result<Api, String> {
                 continue;
             }
         };
-        return resolve(lib, path).map_err(|e| format!("NCCL library found but unusable: {e}"));
+        return resolve(lib, path);
     }
-    Err(format!(
-        "no NCCL library could be loaded (set {NCCL_LIBRARY_ENV} to the path of libnccl.so.2); tried: {}",
-        tried.join("; ")
-    ))
+    Err(Unavailable::NotFound { tried })
 }
 
-fn resolve(lib: libloading::Library, path: PathBuf) -> Result<Api, String> {
-    unsafe fn sym<T: Copy>(lib: &libloading::Library, name: &str) -> Result<T, String> {
+fn resolve(lib: libloading::Library, path: PathBuf) -> Result<Api, Unavailable> {
+    unsafe fn sym<T: Copy>(
+        lib: &libloading::Library,
+        path: &Path,
+        name: &str,
+    ) -> Result<T, Unavailable> {
         let mut n = name.as_bytes().to_vec();
         n.push(0);
         lib.get::<T>(n.as_slice())
             .map(|s| *s)
-            .map_err(|e| format!("symbol {name}: {e}"))
+            .map_err(|e| Unavailable::Unusable {
+                path: path.to_owned(),
+                reason: format!("symbol {name}: {e}"),
+            })
     }
     // SAFETY: the function types match NCCL 2.28's nccl.h (enums passed as their u32 representation).
     unsafe {
-        let get_version: unsafe extern "C" fn(*mut c_int) -> Res = sym(&lib, "ncclGetVersion")?;
+        let get_version: unsafe extern "C" fn(*mut c_int) -> Res =
+            sym(&lib, &path, "ncclGetVersion")?;
         let mut version: c_int = 0;
         if get_version(&mut version) != NCCL_SUCCESS {
-            return Err(format!("{}: ncclGetVersion failed", path.display()));
+            return Err(Unavailable::Unusable {
+                path,
+                reason: "ncclGetVersion failed".into(),
+            });
         }
         if version < NCCL_MIN_VERSION {
-            return Err(format!(
-                "{} is NCCL {version}; at least {NCCL_MIN_VERSION} is needed",
-                path.display()
-            ));
+            return Err(Unavailable::TooOld { path, version });
         }
         Ok(Api {
             version,
-            get_error_string: sym(&lib, "ncclGetErrorString")?,
-            get_last_error: sym(&lib, "ncclGetLastError")?,
-            get_unique_id: sym(&lib, "ncclGetUniqueId")?,
-            comm_init_rank_config: sym(&lib, "ncclCommInitRankConfig")?,
-            comm_get_async_error: sym(&lib, "ncclCommGetAsyncError")?,
-            comm_abort: sym(&lib, "ncclCommAbort")?,
-            group_start: sym(&lib, "ncclGroupStart")?,
-            group_end: sym(&lib, "ncclGroupEnd")?,
-            all_reduce: sym(&lib, "ncclAllReduce")?,
-            reduce: sym(&lib, "ncclReduce")?,
-            broadcast: sym(&lib, "ncclBroadcast")?,
+            get_error_string: sym(&lib, &path, "ncclGetErrorString")?,
+            get_last_error: sym(&lib, &path, "ncclGetLastError")?,
+            get_unique_id: sym(&lib, &path, "ncclGetUniqueId")?,
+            comm_init_rank_config: sym(&lib, &path, "ncclCommInitRankConfig")?,
+            comm_get_async_error: sym(&lib, &path, "ncclCommGetAsyncError")?,
+            comm_abort: sym(&lib, &path, "ncclCommAbort")?,
+            group_start: sym(&lib, &path, "ncclGroupStart")?,
+            group_end: sym(&lib, &path, "ncclGroupEnd")?,
+            all_reduce: sym(&lib, &path, "ncclAllReduce")?,
+            reduce: sym(&lib, &path, "ncclReduce")?,
+            broadcast: sym(&lib, &path, "ncclBroadcast")?,
             path,
             _lib: lib,
         })
@@ -223,7 +248,7 @@ fn resolve(lib: libloading::Library, path: PathBuf) -> Result<Api, String> {
 }
 
 fn api() -> Result<&'static Api, CollectiveError> {
-    static API: OnceLock<Result<Api, String>> = OnceLock::new();
+    static API: OnceLock<Result<Api, Unavailable>> = OnceLock::new();
     API.get_or_init(load_api)
         .as_ref()
         .map_err(|e| CollectiveError::NcclUnavailable(e.clone()))
@@ -231,18 +256,18 @@ fn api() -> Result<&'static Api, CollectiveError> {
 
 /// Library, driver and at least one device; computed once.
 fn probe() -> Result<&'static Api, CollectiveError> {
-    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    static PROBE: OnceLock<Result<(), Unavailable>> = OnceLock::new();
     let api = api()?;
     PROBE
         .get_or_init(|| {
             // SAFETY: only tries to dlopen the driver library by its usual names.
             if !unsafe { cu::is_culib_present() } {
-                return Err("the CUDA driver library (libcuda.so.1) is not present".into());
+                return Err(Unavailable::NoDriver);
             }
             match CudaContext::device_count() {
                 Ok(n) if n > 0 => Ok(()),
-                Ok(_) => Err("the CUDA driver reports no device".into()),
-                Err(e) => Err(format!("the CUDA driver cannot be initialised: {e:?}")),
+                Ok(_) => Err(Unavailable::NoDevice),
+                Err(e) => Err(Unavailable::DriverInit(format!("{e:?}"))),
             }
         })
         .as_ref()

@@ -371,9 +371,29 @@ impl Job {
         }
     }
 
+    /// The next task of worker `id`: exit, a shard to precompute, its rank in the training world (formed here
+    /// when enough workers wait), or a wait.
     pub fn next_task(&mut self, id: &str, ring_address: &str) -> Result<Task, JobError> {
-        let phase = self.phase;
-        let message = self.message.clone();
+        if let Some(exit) = self.check_in(id, ring_address)? {
+            return Ok(exit);
+        }
+        if let Some(task) = self.precompute_task(id) {
+            return Ok(task);
+        }
+        if self.world.is_some() {
+            return Ok(self.world_task(id));
+        }
+        match self.form_world() {
+            Some(wait) => Ok(wait),
+            // Formed (or the job ended): hand out what that gives this worker.
+            None => self.next_task(id, ""),
+        }
+    }
+
+    /// Notes a sign of life and the worker's ring address, refuses a worker that is not ready, answers `Exit`
+    /// when the job has ended, and returns its lease and world membership (it may join again).
+    fn check_in(&mut self, id: &str, ring_address: &str) -> Result<Option<Task>, JobError> {
+        let (phase, message) = (self.phase, self.message.clone());
         let w = self.worker(id)?;
         // Asking for work is a sign of life too.
         w.last_heartbeat = Instant::now();
@@ -388,96 +408,87 @@ impl Job {
         }
         if matches!(phase, Phase::Done | Phase::Failed) {
             w.exited = true;
-            return Ok(Task::Exit {
+            return Ok(Some(Task::Exit {
                 reason: message,
                 success: phase == Phase::Done,
-            });
+            }));
         }
-        // A worker asking for work holds no lease and is not training (it may join the current world
-        // again below).
-        let was_in = w.generation.take();
+        // A worker asking for work holds no lease and is not training.
+        w.generation = None;
         if let Some(s) = w.lease.take() {
             self.leased.remove(&s);
             self.pending.push_front(s);
         }
-        if phase == Phase::Waiting {
+        Ok(None)
+    }
+
+    /// During precompute: lease the next shard, or wait for the others' leases; moves the job to training
+    /// when every shard is done.
+    fn precompute_task(&mut self, id: &str) -> Option<Task> {
+        if self.phase == Phase::Waiting {
             self.phase = Phase::Precompute;
             self.message = "computing reference log-probs".into();
         }
-        if self.phase == Phase::Precompute {
-            if let Some(shard) = self.pending.pop_front() {
-                let w = self.workers.get_mut(id).expect("checked");
-                w.lease = Some(shard.clone());
-                w.state = WorkerState::Precomputing;
-                self.leased.insert(shard.clone(), id.to_string());
-                return Ok(Task::Precompute { shard });
-            }
-            if !self.leased.is_empty() {
-                return Ok(Self::wait(500, "other workers are finishing precompute"));
-            }
-            self.phase = Phase::Training;
-            self.message = "forming the training world".into();
-            self.save_state();
+        if self.phase != Phase::Precompute {
+            return None;
         }
-        // Training: join the current world, or form one when enough workers are waiting.
-        if let Some(world) = &self.world {
-            if let Some(rank) = world.members.iter().position(|m| m == id) {
-                let w = self.workers.get_mut(id).expect("checked");
-                if was_in == Some(world.generation) || world.finished.contains(id) {
-                    // It already ran in this world (finished, or failed without saying so): the world
-                    // cannot continue without it restarting its part.
-                    if world.finished.contains(id) {
-                        return Ok(Self::wait(500, "waiting for the other ranks to finish"));
-                    }
-                }
-                w.generation = Some(world.generation);
-                w.state = WorkerState::Training;
-                w.addr_fresh = false;
-                return Ok(Task::Train(TrainTask {
-                    generation: world.generation,
-                    rank: rank as u32,
-                    world_size: world.members.len() as u32,
-                    peers: world.peers.clone(),
-                    nccl_id: world.nccl_id.clone(),
-                    backend: world.backend,
-                }));
-            }
-            return Ok(Self::wait(
-                1000,
-                "the training world is complete; standing by",
-            ));
+        if let Some(shard) = self.pending.pop_front() {
+            let w = self.workers.get_mut(id).expect("checked");
+            w.lease = Some(shard.clone());
+            w.state = WorkerState::Precomputing;
+            self.leased.insert(shard.clone(), id.to_string());
+            return Some(Task::Precompute { shard });
         }
+        if !self.leased.is_empty() {
+            return Some(Self::wait(500, "other workers are finishing precompute"));
+        }
+        self.phase = Phase::Training;
+        self.message = "forming the training world".into();
+        self.save_state();
+        None
+    }
+
+    /// With a world formed: a member's rank (again, after a retry), a finished member's wait, or standing by.
+    fn world_task(&mut self, id: &str) -> Task {
+        let world = self.world.as_ref().expect("called with a world");
+        let Some(rank) = world.members.iter().position(|m| m == id) else {
+            return Self::wait(1000, "the training world is complete; standing by");
+        };
+        if world.finished.contains(id) {
+            return Self::wait(500, "waiting for the other ranks to finish");
+        }
+        let w = self.workers.get_mut(id).expect("checked");
+        w.generation = Some(world.generation);
+        w.state = WorkerState::Training;
+        w.addr_fresh = false;
+        Task::Train(TrainTask {
+            generation: world.generation,
+            rank: rank as u32,
+            world_size: world.members.len() as u32,
+            peers: world.peers.clone(),
+            nccl_id: world.nccl_id.clone(),
+            backend: world.backend,
+        })
+    }
+
+    /// Forms the next world from the longest-registered ready workers (`None`), or says why not yet (a wait).
+    /// Gives the job up (`None`, the phase now failed) after [`MAX_GENERATIONS`] worlds.
+    fn form_world(&mut self) -> Option<Task> {
         let n = self.cfg.cluster.world_size;
-        // Only workers heard from recently join a world: one that just died is not yet declared dead by
-        // the sweep, and a world formed with it would only break again at the collective timeout.
-        let fresh = Duration::from_secs(2 * self.cfg.cluster.heartbeat_secs + 1);
-        let mut ready: Vec<(u64, String)> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| {
-                w.alive
-                    && w.ready
-                    && !w.exited
-                    && w.generation.is_none()
-                    && w.addr_fresh
-                    && w.last_heartbeat.elapsed() < fresh
-            })
-            .map(|(k, w)| (w.seq, k.clone()))
-            .collect();
-        ready.sort();
+        let ready = self.joinable_workers();
         if ready.len() < n {
             self.message = format!("waiting for workers: {} of {n} ready", ready.len());
-            return Ok(Self::wait(500, &self.message.clone()));
+            return Some(Self::wait(500, &self.message.clone()));
         }
         if self.generation >= MAX_GENERATIONS {
             self.end(
                 Phase::Failed,
                 format!("the training world broke {MAX_GENERATIONS} times; giving up (see recent errors)"),
             );
-            return self.next_task(id, "");
+            return None;
         }
         self.generation += 1;
-        let members: Vec<String> = ready.into_iter().take(n).map(|(_, k)| k).collect();
+        let members: Vec<String> = ready.into_iter().take(n).collect();
         let cuda = self.workers[&members[0]].device.starts_with("cuda");
         let backend = match (self.cfg.cluster.backend, n) {
             (_, 1) => WorldBackend::Local,
@@ -506,7 +517,29 @@ impl Job {
         });
         self.message = format!("training (generation {})", self.generation);
         self.save_state();
-        self.next_task(id, "")
+        None
+    }
+
+    /// Workers that may join a world, in registration order. Only workers heard from recently: one that just
+    /// died is not yet declared dead by the sweep, and a world formed with it would only break again at the
+    /// collective timeout.
+    fn joinable_workers(&self) -> Vec<String> {
+        let fresh = Duration::from_secs(2 * self.cfg.cluster.heartbeat_secs + 1);
+        let mut ready: Vec<(u64, String)> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| {
+                w.alive
+                    && w.ready
+                    && !w.exited
+                    && w.generation.is_none()
+                    && w.addr_fresh
+                    && w.last_heartbeat.elapsed() < fresh
+            })
+            .map(|(k, w)| (w.seq, k.clone()))
+            .collect();
+        ready.sort();
+        ready.into_iter().map(|(_, k)| k).collect()
     }
 
     pub fn complete_shard(&mut self, r: ShardDone) -> Result<(), JobError> {

@@ -35,6 +35,25 @@ use std::path::{Path, PathBuf};
 use image::{ImageFormat, ImageReader, RgbImage};
 use serde_json::{json, Map, Value};
 
+/// One bad value in a `preprocessor_config.json`: the key, what it must be, and what was found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{key}` must {expected}, found {found}")]
+pub struct ValueError {
+    pub key: String,
+    pub expected: String,
+    pub found: String,
+}
+
+impl ValueError {
+    fn new(key: &str, expected: impl Into<String>, found: impl std::fmt::Display) -> Self {
+        Self {
+            key: key.to_owned(),
+            expected: expected.into(),
+            found: found.to_string(),
+        }
+    }
+}
+
 /// Errors from reading processor configs and decoding images.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -46,8 +65,18 @@ pub enum ImageError {
     },
     /// A `preprocessor_config.json` that is not valid JSON, misspells a value or asks for something this
     /// implementation does not do exactly (e.g. an unsupported `resample`).
-    #[error("image processor config {origin}: {reason}")]
-    Config { origin: String, reason: String },
+    #[error("image processor config {origin}: not valid JSON: {source}")]
+    Json {
+        origin: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("image processor config {origin}: {source}")]
+    Config {
+        origin: String,
+        #[source]
+        source: ValueError,
+    },
     #[error("unrecognised image format ({len} bytes, starting {head})")]
     UnknownFormat { len: usize, head: String },
     #[error("cannot decode {format:?} image ({len} bytes): {source}")]
@@ -90,7 +119,7 @@ impl Resample {
         }
     }
 
-    pub fn from_pil_code(code: i64) -> Result<Self, String> {
+    pub fn from_pil_code(code: i64) -> Result<Self, ValueError> {
         match code {
             2 => Ok(Resample::Bilinear),
             3 => Ok(Resample::Bicubic),
@@ -102,8 +131,10 @@ impl Resample {
                     5 => "HAMMING",
                     _ => "not a PIL filter",
                 };
-                Err(format!(
-                    "unsupported `resample` {code} ({name}); only 2 (BILINEAR) and 3 (BICUBIC) are implemented"
+                Err(ValueError::new(
+                    "resample",
+                    "be 2 (BILINEAR) or 3 (BICUBIC), the filters implemented here",
+                    format!("{code} ({name})"),
                 ))
             }
         }
@@ -181,8 +212,8 @@ impl Default for ImageProcessorConfig {
 }
 
 impl TryFrom<Value> for ImageProcessorConfig {
-    type Error = String;
-    fn try_from(v: Value) -> Result<Self, String> {
+    type Error = ValueError;
+    fn try_from(v: Value) -> Result<Self, ValueError> {
         Self::parse(&v)
     }
 }
@@ -218,18 +249,18 @@ impl ImageProcessorConfig {
             source,
         })?;
         let origin = path.display().to_string();
-        let value: Value = serde_json::from_str(&text).map_err(|e| ImageError::Config {
+        let value: Value = serde_json::from_str(&text).map_err(|source| ImageError::Json {
             origin: origin.clone(),
-            reason: format!("not valid JSON: {e}"),
+            source,
         })?;
-        Self::parse(&value).map_err(|reason| ImageError::Config { origin, reason })
+        Self::parse(&value).map_err(|source| ImageError::Config { origin, source })
     }
 
     /// Parses an already-loaded `preprocessor_config.json` object.
     pub fn from_json(value: &Value) -> Result<Self, ImageError> {
-        Self::parse(value).map_err(|reason| ImageError::Config {
+        Self::parse(value).map_err(|source| ImageError::Config {
             origin: "(JSON value)".into(),
-            reason,
+            source,
         })
     }
 
@@ -256,10 +287,10 @@ impl ImageProcessorConfig {
         })
     }
 
-    fn parse(value: &Value) -> Result<Self, String> {
+    fn parse(value: &Value) -> Result<Self, ValueError> {
         let obj = value
             .as_object()
-            .ok_or_else(|| format!("expected a JSON object, found {}", kind(value)))?;
+            .ok_or_else(|| ValueError::new("(top level)", "be a JSON object", kind(value)))?;
         let mut c = Self::default();
         // `null` means "not set" (transformers' defaults apply), as in Python.
         let get = |key: &str| obj.get(key).filter(|v| !v.is_null());
@@ -273,7 +304,7 @@ impl ImageProcessorConfig {
             if let Some(v) = get(key) {
                 *slot = v
                     .as_bool()
-                    .ok_or_else(|| format!("`{key}` must be true or false, found {v}"))?;
+                    .ok_or_else(|| ValueError::new(key, "be true or false", v))?;
             }
         }
         if let Some(v) = get("size") {
@@ -285,14 +316,14 @@ impl ImageProcessorConfig {
         if let Some(v) = get("resample") {
             let code = v
                 .as_i64()
-                .ok_or_else(|| format!("`resample` must be a PIL filter number, found {v}"))?;
+                .ok_or_else(|| ValueError::new("resample", "be a PIL filter number", v))?;
             c.resample = Resample::from_pil_code(code)?;
         }
         if let Some(v) = get("rescale_factor") {
             c.rescale_factor = v
                 .as_f64()
                 .filter(|f| f.is_finite())
-                .ok_or_else(|| format!("`rescale_factor` must be a number, found {v}"))?;
+                .ok_or_else(|| ValueError::new("rescale_factor", "be a number", v))?;
         }
         if let Some(v) = get("image_mean") {
             c.image_mean = parse_channels("image_mean", v)?;
@@ -300,7 +331,7 @@ impl ImageProcessorConfig {
         if let Some(v) = get("image_std") {
             c.image_std = parse_channels("image_std", v)?;
             if c.image_std.contains(&0.0) {
-                return Err(format!("`image_std` must not contain 0, found {v}"));
+                return Err(ValueError::new("image_std", "not contain 0", v));
             }
         }
         Ok(c)
@@ -318,14 +349,14 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-fn positive(key: &str, v: &Value) -> Result<u32, String> {
+fn positive(key: &str, v: &Value) -> Result<u32, ValueError> {
     v.as_u64()
         .filter(|&n| n > 0 && n <= u32::MAX as u64)
         .map(|n| n as u32)
-        .ok_or_else(|| format!("`{key}` must be a positive integer, found {v}"))
+        .ok_or_else(|| ValueError::new(key, "be a positive integer", v))
 }
 
-fn height_width(key: &str, m: &Map<String, Value>) -> Option<Result<(u32, u32), String>> {
+fn height_width(key: &str, m: &Map<String, Value>) -> Option<Result<(u32, u32), ValueError>> {
     match (m.get("height"), m.get("width")) {
         (Some(h), Some(w)) => Some(
             positive(&format!("{key}.height"), h)
@@ -335,20 +366,21 @@ fn height_width(key: &str, m: &Map<String, Value>) -> Option<Result<(u32, u32), 
     }
 }
 
-fn pair(key: &str, a: &[Value]) -> Result<(u32, u32), String> {
+fn pair(key: &str, a: &[Value]) -> Result<(u32, u32), ValueError> {
     match a {
         [h, w] => Ok((positive(key, h)?, positive(key, w)?)),
         [n] => positive(key, n).map(|n| (n, n)),
-        _ => Err(format!(
-            "`{key}` as a list must be [height, width], found {} elements",
-            a.len()
+        _ => Err(ValueError::new(
+            key,
+            "as a list be [height, width]",
+            format!("{} elements", a.len()),
         )),
     }
 }
 
 /// transformers' `get_size_dict(size, default_to_square=False)` as CLIP's `resize` reads it. A dict with
 /// `shortest_edge` resizes the shortest edge (a `longest_edge` beside it is ignored by CLIP, so here too).
-fn parse_size(v: &Value) -> Result<ResizeSize, String> {
+fn parse_size(v: &Value) -> Result<ResizeSize, ValueError> {
     match v {
         Value::Number(_) => positive("size", v).map(ResizeSize::ShortestEdge),
         Value::Array(a) => match a.as_slice() {
@@ -361,52 +393,47 @@ fn parse_size(v: &Value) -> Result<ResizeSize, String> {
             } else if let Some(hw) = height_width("size", m) {
                 hw.map(|(height, width)| ResizeSize::Exact { height, width })
             } else {
-                Err(format!(
-                    "`size` must have `shortest_edge` or `height` and `width`, found {v}"
+                Err(ValueError::new(
+                    "size",
+                    "have `shortest_edge` or `height` and `width`",
+                    v,
                 ))
             }
         }
-        _ => Err(format!(
-            "`size` must be an integer or an object, found {}",
-            kind(v)
+        _ => Err(ValueError::new(
+            "size",
+            "be an integer or an object",
+            kind(v),
         )),
     }
 }
 
 /// transformers' `get_size_dict(crop_size, default_to_square=True)`.
-fn parse_crop_size(v: &Value) -> Result<(u32, u32), String> {
+fn parse_crop_size(v: &Value) -> Result<(u32, u32), ValueError> {
     match v {
         Value::Number(_) => positive("crop_size", v).map(|n| (n, n)),
         Value::Array(a) => pair("crop_size", a),
-        Value::Object(m) => height_width("crop_size", m).unwrap_or_else(|| {
-            Err(format!(
-                "`crop_size` must have `height` and `width`, found {v}"
-            ))
-        }),
-        _ => Err(format!(
-            "`crop_size` must be an integer or an object, found {}",
-            kind(v)
+        Value::Object(m) => height_width("crop_size", m)
+            .unwrap_or_else(|| Err(ValueError::new("crop_size", "have `height` and `width`", v))),
+        _ => Err(ValueError::new(
+            "crop_size",
+            "be an integer or an object",
+            kind(v),
         )),
     }
 }
 
-fn parse_channels(key: &str, v: &Value) -> Result<[f64; 3], String> {
+fn parse_channels(key: &str, v: &Value) -> Result<[f64; 3], ValueError> {
     let num = |x: &Value| {
         x.as_f64()
             .filter(|f| f.is_finite())
-            .ok_or_else(|| format!("`{key}` must hold numbers, found {x}"))
+            .ok_or_else(|| ValueError::new(key, "hold numbers", x))
     };
     match v {
         Value::Number(_) => num(v).map(|x| [x; 3]),
         Value::Array(a) if a.len() == 3 => Ok([num(&a[0])?, num(&a[1])?, num(&a[2])?]),
-        Value::Array(a) => Err(format!(
-            "`{key}` must have 3 values (R, G, B), found {}",
-            a.len()
-        )),
-        _ => Err(format!(
-            "`{key}` must be a number or a list of 3, found {}",
-            kind(v)
-        )),
+        Value::Array(a) => Err(ValueError::new(key, "have 3 values (R, G, B)", a.len())),
+        _ => Err(ValueError::new(key, "be a number or a list of 3", kind(v))),
     }
 }
 

@@ -10,12 +10,21 @@
 use std::path::{Path, PathBuf};
 
 use super::diff;
-use super::image::{ImageProcessor, ImageProcessorConfig};
+use super::image::{ImageError, ImageProcessor, ImageProcessorConfig};
 use super::reader::{Layout, RawPair, ShardReader};
-use super::template::{Template, TextEncoder};
+use super::template::{Template, TextEncoder, TextError};
 use super::{DataError, RowError};
 use crate::config::{Config, OnBadRow};
 use crate::model::config::LlavaConfig;
+
+/// Why one row cannot become an example; becomes a [`RowError`]'s reason.
+#[derive(Debug, thiserror::Error)]
+pub enum RowReason {
+    #[error("image: {0}")]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Text(#[from] TextError),
+}
 
 /// A training example, ready for collation.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,7 +101,7 @@ impl Preprocessor {
         let mcfg = LlavaConfig::from_dir(dir).map_err(|e| model_err(e.to_string()))?;
         let template = Template::from_name(template)
             .ok_or_else(|| model_err(format!("unknown template {template:?}")))?;
-        let tok = TextEncoder::load_tokenizer(dir).map_err(model_err)?;
+        let tok = TextEncoder::load_tokenizer(dir).map_err(|e| model_err(e.to_string()))?;
         let text = TextEncoder::new(
             tok,
             template,
@@ -100,7 +109,7 @@ impl Preprocessor {
             mcfg.num_image_tokens(),
             max_length,
         )
-        .map_err(model_err)?;
+        .map_err(|e| model_err(e.to_string()))?;
         let pcfg = ImageProcessorConfig::from_file(&dir.join("preprocessor_config.json"))
             .map_err(|e| model_err(e.to_string()))?;
         let image = ImageProcessor::new(pcfg, pad_to_square);
@@ -124,11 +133,8 @@ impl Preprocessor {
     }
 
     /// Processes one row; the error is the row-level reason.
-    pub fn process(&self, shard: usize, raw: &RawPair) -> Result<Example, String> {
-        let pixel_values = self
-            .image
-            .process_bytes(&raw.image)
-            .map_err(|e| format!("image: {e}"))?;
+    pub fn process(&self, shard: usize, raw: &RawPair) -> Result<Example, RowReason> {
+        let pixel_values = self.image.process_bytes(&raw.image)?;
         let prompt_ids = self.text.encode_prompt(&raw.question)?;
         let mut chosen_ids = self.text.encode_response(&raw.chosen)?;
         let mut rejected_ids = self.text.encode_response(&raw.rejected)?;
@@ -260,7 +266,7 @@ impl Iterator for ExampleStream<'_> {
                     let e = RowError {
                         shard: self.shards[idx].clone(),
                         row: raw.row,
-                        reason,
+                        reason: reason.to_string(),
                     };
                     if let Some(err) = self.bad_row(e) {
                         return Some(err);

@@ -14,13 +14,39 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, RecordBatch, StructArray};
 use arrow::datatypes::DataType;
+use arrow::error::ArrowError;
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
     ParquetRecordBatchReaderBuilder,
 };
 use parquet::arrow::ProjectionMask;
+use parquet::errors::ParquetError;
 
 use super::{DataError, RowError};
+
+/// Columns that match no layout; names the closest layout and what it still lacks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "columns [{}] match no known layout; closest is {} which also needs [{}] \
+     (RLHF-V: image, text, idx; RLAIF-V: image, question, chosen, rejected, idx)",
+    columns.join(", "), closest.name(), missing.join(", ")
+)]
+pub struct UnknownLayout {
+    pub columns: Vec<String>,
+    pub closest: Layout,
+    pub missing: Vec<&'static str>,
+}
+
+/// Why one row's text fields are unusable (a row-level reason).
+#[derive(Debug, thiserror::Error)]
+enum TextFieldError {
+    #[error("`{0}` is null")]
+    Null(&'static str),
+    #[error("`text` is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("`text` JSON has no \"{0}\"")]
+    Missing(&'static str),
+}
 
 /// The column layouts ddpo reads (docs/formats.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +74,7 @@ impl Layout {
     }
 
     /// Detects the layout from the column names; the error lists what was found and what each layout needs.
-    pub fn detect(columns: &[&str]) -> Result<Layout, String> {
+    pub fn detect(columns: &[&str]) -> Result<Layout, UnknownLayout> {
         let has = |c: &str| columns.contains(&c);
         let candidates = [Layout::RlaifV, Layout::RlhfV];
         for l in candidates {
@@ -61,14 +87,11 @@ impl Layout {
             .iter()
             .min_by_key(|l| l.columns().iter().filter(|c| !has(c)).count())
             .expect("non-empty");
-        let missing: Vec<&str> = best.columns().iter().copied().filter(|c| !has(c)).collect();
-        Err(format!(
-            "columns [{}] match no known layout; closest is {} which also needs [{}] \
-             (RLHF-V: image, text, idx; RLAIF-V: image, question, chosen, rejected, idx)",
-            columns.join(", "),
-            best.name(),
-            missing.join(", ")
-        ))
+        Err(UnknownLayout {
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            closest: *best,
+            missing: best.columns().iter().copied().filter(|c| !has(c)).collect(),
+        })
     }
 }
 
@@ -124,7 +147,7 @@ impl ShardReader {
             .map_err(|e| shard_err(format!("not a readable parquet file: {e}")))?;
         let schema = meta.schema().clone();
         let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-        let layout = Layout::detect(&names).map_err(shard_err)?;
+        let layout = Layout::detect(&names).map_err(|e| shard_err(e.to_string()))?;
         // Type checks up front, so a wrong schema is one clear error, not one per row.
         for col in layout.columns() {
             let f = schema.field_with_name(col).expect("detected");
@@ -237,14 +260,13 @@ impl ShardReader {
     }
 
     /// A batch reader over row group `g` alone, projected to the layout's columns.
-    fn group_reader(&self, g: usize) -> Result<ParquetRecordBatchReader, String> {
-        let f = self.file.try_clone().map_err(|e| e.to_string())?;
+    fn group_reader(&self, g: usize) -> Result<ParquetRecordBatchReader, ParquetError> {
+        let f = self.file.try_clone()?;
         ParquetRecordBatchReaderBuilder::new_with_metadata(f, self.meta.clone())
             .with_projection(self.mask.clone())
             .with_row_groups(vec![g])
             .with_batch_size(self.batch_rows)
             .build()
-            .map_err(|e| e.to_string())
     }
 
     /// One error per row of `rows` (in group `g`), for a row group that could not be decoded.
@@ -310,10 +332,10 @@ impl ShardReader {
     fn convert(&self, batch: &RecordBatch, first: u64) -> Vec<Result<RawPair, RowError>> {
         let n = batch.num_rows();
         let col = |name: &str| batch.column_by_name(name).expect("projected").clone();
-        let texts = |name: &str| -> Result<Vec<Option<String>>, String> { text_column(&col(name)) };
+        let texts = |name: &str| text_column(&col(name));
         let images = image_column(&col("image"));
         let ids = texts("idx");
-        let fields: Result<Vec<Vec<Option<String>>>, String> = match self.layout {
+        let fields: Result<Vec<Vec<Option<String>>>, ArrowError> = match self.layout {
             Layout::RlhfV => texts("text").map(|t| vec![t]),
             Layout::RlaifV => ["question", "chosen", "rejected"]
                 .iter()
@@ -326,6 +348,7 @@ impl ShardReader {
                 let reason = [a.err(), b.err(), c.err()]
                     .into_iter()
                     .flatten()
+                    .map(|e| e.to_string())
                     .collect::<Vec<_>>()
                     .join("; ");
                 return (0..n)
@@ -344,12 +367,13 @@ impl ShardReader {
                         fields[2][i].clone(),
                     ))
                     .and_then(|(q, c, r)| {
-                        let c = c.ok_or("`chosen` is null")?;
-                        let r = r.ok_or("`rejected` is null")?;
-                        Ok::<_, String>((q, c, r))
+                        let c = c.ok_or(TextFieldError::Null("chosen"))?;
+                        let r = r.ok_or(TextFieldError::Null("rejected"))?;
+                        Ok((q, c, r))
                     }),
                 };
-                let (question, chosen, rejected) = parsed.map_err(|e| self.row_err(row, e))?;
+                let (question, chosen, rejected) =
+                    parsed.map_err(|e| self.row_err(row, e.to_string()))?;
                 let image = images[i]
                     .clone()
                     .ok_or_else(|| self.row_err(row, "image has no bytes"))?;
@@ -395,8 +419,8 @@ fn is_textlike(t: &DataType) -> bool {
 }
 
 /// Any string or integer column as optional owned strings.
-fn text_column(a: &Arc<dyn Array>) -> Result<Vec<Option<String>>, String> {
-    let a = arrow::compute::cast(a, &DataType::Utf8).map_err(|e| e.to_string())?;
+fn text_column(a: &Arc<dyn Array>) -> Result<Vec<Option<String>>, ArrowError> {
+    let a = arrow::compute::cast(a, &DataType::Utf8)?;
     let s = a.as_string::<i32>();
     Ok((0..s.len())
         .map(|i| s.is_valid(i).then(|| s.value(i).to_owned()))
@@ -404,19 +428,19 @@ fn text_column(a: &Arc<dyn Array>) -> Result<Vec<Option<String>>, String> {
 }
 
 /// The `image` column: struct{bytes, path} as HF datasets writes it, or plain binary.
-fn image_column(a: &Arc<dyn Array>) -> Result<Vec<Option<Vec<u8>>>, String> {
+fn image_column(a: &Arc<dyn Array>) -> Result<Vec<Option<Vec<u8>>>, ArrowError> {
     let (bytes, outer): (Arc<dyn Array>, Option<&StructArray>) = match a.data_type() {
         DataType::Struct(_) => {
             let st = a.as_struct();
             let b = st
                 .column_by_name("bytes")
-                .ok_or("image struct has no `bytes` field")?
+                .ok_or_else(|| ArrowError::SchemaError("image struct has no `bytes` field".into()))?
                 .clone();
             (b, Some(st))
         }
         _ => (a.clone(), None),
     };
-    let bytes = arrow::compute::cast(&bytes, &DataType::Binary).map_err(|e| e.to_string())?;
+    let bytes = arrow::compute::cast(&bytes, &DataType::Binary)?;
     let b = bytes.as_binary::<i32>();
     Ok((0..b.len())
         .map(|i| {
@@ -434,15 +458,14 @@ struct RlhfVText {
 }
 
 /// RLHF-V's `text` column: JSON {"question","chosen","rejected"}.
-fn parse_rlhfv_text(text: Option<&str>) -> Result<(String, String, String), String> {
-    let text = text.ok_or("`text` is null")?;
-    let t: RlhfVText =
-        serde_json::from_str(text).map_err(|e| format!("`text` is not valid JSON: {e}"))?;
-    let missing = |k: &str| format!("`text` JSON has no \"{k}\"");
+fn parse_rlhfv_text(text: Option<&str>) -> Result<(String, String, String), TextFieldError> {
+    let text = text.ok_or(TextFieldError::Null("text"))?;
+    let t: RlhfVText = serde_json::from_str(text)?;
+    let missing = TextFieldError::Missing;
     Ok((
-        t.question.ok_or_else(|| missing("question"))?,
-        t.chosen.ok_or_else(|| missing("chosen"))?,
-        t.rejected.ok_or_else(|| missing("rejected"))?,
+        t.question.ok_or(missing("question"))?,
+        t.chosen.ok_or(missing("chosen"))?,
+        t.rejected.ok_or(missing("rejected"))?,
     ))
 }
 
@@ -475,6 +498,11 @@ mod tests {
         ];
         assert_eq!(Layout::detect(&rlaifv), Ok(Layout::RlaifV));
         let e = Layout::detect(&["image", "question", "chosen", "idx"]).unwrap_err();
+        assert_eq!(
+            (e.closest, e.missing.as_slice()),
+            (Layout::RlaifV, &["rejected"][..])
+        );
+        let e = e.to_string();
         assert!(e.contains("RLAIF-V") && e.contains("[rejected]"), "{e}");
     }
 
@@ -482,9 +510,11 @@ mod tests {
     fn rlhfv_text_errors_are_specific() {
         assert!(parse_rlhfv_text(Some("{not json"))
             .unwrap_err()
+            .to_string()
             .contains("not valid JSON"));
         assert!(parse_rlhfv_text(Some(r#"{"question":"q","chosen":"c"}"#))
             .unwrap_err()
+            .to_string()
             .contains("no \"rejected\""));
         assert_eq!(
             parse_rlhfv_text(Some(r#"{"question":"q","chosen":"c","rejected":"r"}"#)).unwrap(),

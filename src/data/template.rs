@@ -10,12 +10,45 @@
 //! - The prompt is never cut: a pair whose prompt leaves no room for a response is a row error. Responses
 //!   that do not fit are cut at the end (EOS included) and the pair is counted as truncated.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use tokenizers::Tokenizer;
 
 use super::tokenizer::{EOS, IMAGE};
+
+/// Why a tokenizer cannot serve a model, or why one pair's text cannot be encoded (a row-level reason).
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not a tokenizer: {reason}", path.display())]
+    NotTokenizer { path: PathBuf, reason: String },
+    #[error("the tokenizer has no {0} token")]
+    MissingToken(&'static str),
+    #[error(
+        "the tokenizer's {IMAGE} id is {tokenizer} but the model's image_token_index is {model}"
+    )]
+    ImageIdMismatch { tokenizer: u32, model: u32 },
+    /// The tokenizer library refused the text (`what` is "the prompt" or "a response").
+    #[error("cannot tokenize {what}: {reason}")]
+    Tokenize { what: &'static str, reason: String },
+    #[error("a response contains the {IMAGE} token")]
+    ImageInResponse,
+    #[error(
+        "the prompt is {prompt_len} tokens ({visual} of them visual) and leaves no room for a response \
+         within data.max_length = {max_length}"
+    )]
+    NoRoom {
+        prompt_len: usize,
+        visual: usize,
+        max_length: usize,
+    },
+}
 
 /// Conversation formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,18 +130,19 @@ impl TextEncoder {
         image_token_id: u32,
         num_image_tokens: usize,
         max_length: usize,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, TextError> {
         let tok_image = tokenizer
             .token_to_id(IMAGE)
-            .ok_or_else(|| format!("the tokenizer has no {IMAGE} token"))?;
+            .ok_or(TextError::MissingToken(IMAGE))?;
         if tok_image != image_token_id {
-            return Err(format!(
-                "the tokenizer's {IMAGE} id is {tok_image} but the model's image_token_index is {image_token_id}"
-            ));
+            return Err(TextError::ImageIdMismatch {
+                tokenizer: tok_image,
+                model: image_token_id,
+            });
         }
         let eos_id = tokenizer
             .token_to_id(EOS)
-            .ok_or_else(|| format!("the tokenizer has no {EOS} token"))?;
+            .ok_or(TextError::MissingToken(EOS))?;
         Ok(Self {
             tokenizer,
             template,
@@ -120,11 +154,16 @@ impl TextEncoder {
     }
 
     /// Loads `tokenizer.json` from a model directory.
-    pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, String> {
-        let p = dir.join("tokenizer.json");
-        let text = std::fs::read_to_string(&p)
-            .map_err(|e| format!("{}: cannot read: {e}", p.display()))?;
-        Tokenizer::from_str(&text).map_err(|e| format!("{}: not a tokenizer: {e}", p.display()))
+    pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, TextError> {
+        let path = dir.join("tokenizer.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| TextError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Tokenizer::from_str(&text).map_err(|e| TextError::NotTokenizer {
+            path,
+            reason: e.to_string(),
+        })
     }
 
     pub fn eos_id(&self) -> u32 {
@@ -140,12 +179,15 @@ impl TextEncoder {
     }
 
     /// Prompt ids with the image placeholder expanded.
-    pub fn encode_prompt(&self, question: &str) -> Result<Vec<u32>, String> {
+    pub fn encode_prompt(&self, question: &str) -> Result<Vec<u32>, TextError> {
         let text = self.template.prompt(question);
         let enc = self
             .tokenizer
             .encode(text.as_str(), true)
-            .map_err(|e| format!("cannot tokenize the prompt: {e}"))?;
+            .map_err(|e| TextError::Tokenize {
+                what: "the prompt",
+                reason: e.to_string(),
+            })?;
         let mut ids = Vec::with_capacity(enc.len() + self.num_image_tokens);
         for &id in enc.get_ids() {
             if id == self.image_token_id {
@@ -158,13 +200,16 @@ impl TextEncoder {
     }
 
     /// Answer ids + EOS.
-    pub fn encode_response(&self, answer: &str) -> Result<Vec<u32>, String> {
+    pub fn encode_response(&self, answer: &str) -> Result<Vec<u32>, TextError> {
         let enc = self
             .tokenizer
             .encode(answer.trim(), false)
-            .map_err(|e| format!("cannot tokenize a response: {e}"))?;
+            .map_err(|e| TextError::Tokenize {
+                what: "a response",
+                reason: e.to_string(),
+            })?;
         if enc.get_ids().contains(&self.image_token_id) {
-            return Err(format!("a response contains the {IMAGE} token"));
+            return Err(TextError::ImageInResponse);
         }
         let mut ids = enc.get_ids().to_vec();
         ids.push(self.eos_id);
@@ -172,13 +217,13 @@ impl TextEncoder {
     }
 
     /// Response tokens that fit after a prompt of `prompt_len` tokens; an error if none do.
-    pub fn response_room(&self, prompt_len: usize) -> Result<usize, String> {
+    pub fn response_room(&self, prompt_len: usize) -> Result<usize, TextError> {
         if prompt_len >= self.max_length {
-            return Err(format!(
-                "the prompt is {prompt_len} tokens ({} of them visual) and leaves no room for a response \
-                 within data.max_length = {}",
-                self.num_image_tokens, self.max_length
-            ));
+            return Err(TextError::NoRoom {
+                prompt_len,
+                visual: self.num_image_tokens,
+                max_length: self.max_length,
+            });
         }
         Ok(self.max_length - prompt_len)
     }
@@ -189,7 +234,7 @@ impl TextEncoder {
         question: &str,
         chosen: &str,
         rejected: &str,
-    ) -> Result<EncodedPair, String> {
+    ) -> Result<EncodedPair, TextError> {
         let prompt_ids = self.encode_prompt(question)?;
         let mut chosen_ids = self.encode_response(chosen)?;
         let mut rejected_ids = self.encode_response(rejected)?;
@@ -273,13 +318,14 @@ mod tests {
         assert_eq!(x.rejected_ids.len(), 3);
         let e = encoder(p);
         let err = e.encode("What is here?", "A", "B").unwrap_err();
-        assert!(err.contains("data.max_length"), "{err}");
+        assert!(matches!(err, TextError::NoRoom { .. }), "{err}");
+        assert!(err.to_string().contains("data.max_length"), "{err}");
     }
 
     #[test]
     fn mismatched_image_token_is_refused() {
         let tok = Tokenizer::from_str(&llama_style_tokenizer_json(&["a"]).to_string()).unwrap();
         let err = TextEncoder::new(tok, Template::LlavaV1, 7, 5, 64).unwrap_err();
-        assert!(err.contains("image_token_index is 7"), "{err}");
+        assert!(err.to_string().contains("image_token_index is 7"), "{err}");
     }
 }

@@ -15,11 +15,16 @@ pub enum PlanError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The model's config.json.
-    #[error("{0}")]
-    Model(String),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
     /// Reading the data to measure lengths.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error("the training data holds no usable pair")]
+    NoUsablePair,
+    /// The job does not fit its device; the message carries the plan's table.
     #[error("{0}")]
-    Data(String),
+    DoesNotFit(String),
 }
 
 /// `ddpo plan`'s flags.
@@ -177,8 +182,7 @@ fn base_inputs(a: &PlanArgs, device: tch::Device) -> Result<Bases, PlanError> {
     let mut stages = vec![0u8];
     if let Some(path) = &a.config {
         let cfg = Config::load(path)?;
-        let model =
-            LlavaConfig::from_dir(&cfg.model.path).map_err(|e| PlanError::Model(e.to_string()))?;
+        let model = LlavaConfig::from_dir(&cfg.model.path)?;
         let kind = cfg.model.dtype.weight_kind(device);
         let mut input = PlanInput::from_config(
             &cfg,
@@ -191,7 +195,7 @@ fn base_inputs(a: &PlanArgs, device: tch::Device) -> Result<Bases, PlanError> {
         worlds = vec![cfg.cluster.world_size];
         stages = vec![cfg.train.zero_stage];
         if a.measure {
-            let (longest, _) = measure_lengths(&cfg).map_err(PlanError::Data)?;
+            let (longest, _) = measure_lengths(&cfg)?;
             input.lengths = longest;
         }
         bases.push(input);

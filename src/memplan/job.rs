@@ -8,8 +8,8 @@ pub fn plan_for_config(
     device: tch::Device,
     kind: tch::Kind,
     world: usize,
-) -> Result<MemoryPlan, String> {
-    let model = LlavaConfig::from_dir(&cfg.model.path).map_err(|e| e.to_string())?;
+) -> Result<MemoryPlan, PlanError> {
+    let model = LlavaConfig::from_dir(&cfg.model.path)?;
     let name = cfg.model.path.display().to_string();
     Ok(MemoryPlan::new(PlanInput::from_config(
         cfg,
@@ -31,7 +31,7 @@ pub fn check_before_training(
     kind: tch::Kind,
     rank: usize,
     world: usize,
-) -> Result<(), String> {
+) -> Result<(), PlanError> {
     let plan = match plan_for_config(cfg, device, kind, world) {
         Ok(p) => p,
         Err(e) => {
@@ -50,7 +50,7 @@ pub fn check_before_training(
     // The refusal (or warning) carries the table itself.
     let msg = refusal_message(&plan, memory.as_ref().expect("checked above"));
     if cfg.train.memory_check {
-        Err(msg)
+        Err(PlanError::DoesNotFit(msg))
     } else {
         tracing::warn!("train.memory_check = false: starting anyway. {msg}");
         Ok(())
@@ -59,10 +59,10 @@ pub fn check_before_training(
 
 /// Prompt and response lengths of the training data: the longest pair (`prompt + chosen + rejected`, the
 /// shared-prefix row) and the means. Streams every row (as `ddpo validate` does).
-pub fn measure_lengths(cfg: &Config) -> Result<(Lengths, Lengths), String> {
+pub fn measure_lengths(cfg: &Config) -> Result<(Lengths, Lengths), PlanError> {
     use crate::data::pipeline::{ExampleStream, Preprocessor};
-    let pre = Preprocessor::from_config(cfg).map_err(|e| e.to_string())?;
-    let files = crate::data::shards::discover(&cfg.data.train).map_err(|e| e.to_string())?;
+    let pre = Preprocessor::from_config(cfg)?;
+    let files = crate::data::shards::discover(&cfg.data.train)?;
     let mut n = 0usize;
     let (mut sum_p, mut sum_r) = (0usize, 0usize);
     let mut longest = (0usize, 0usize);
@@ -80,7 +80,7 @@ pub fn measure_lengths(cfg: &Config) -> Result<(Lengths, Lengths), String> {
         }
     }
     if n == 0 {
-        return Err("the training data holds no usable pair".into());
+        return Err(PlanError::NoUsablePair);
     }
     Ok((
         Lengths::measured(longest.0, longest.1, format!("longest of {n} pairs")),

@@ -953,7 +953,7 @@ mod job;
 mod suggest;
 
 pub use architectures::*;
-pub use command::{run_plan_command, PlanArgs};
+pub use command::{run_plan_command, PlanArgs, PlanError};
 pub use device::*;
 #[cfg(test)]
 use device::{proc_kib, stat_value};

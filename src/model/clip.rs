@@ -9,6 +9,7 @@ use tch::nn::{self, Module};
 use tch::Tensor;
 
 use super::config::VisionConfig;
+use super::ModelError;
 
 #[derive(Debug)]
 struct Attention {
@@ -132,12 +133,12 @@ pub struct ClipVision {
 
 impl ClipVision {
     /// `p` is the `vision_model` path (e.g. `vision_tower.vision_model`).
-    pub fn new(p: nn::Path, c: &VisionConfig) -> Result<Self, String> {
+    pub fn new(p: nn::Path, c: &VisionConfig) -> Result<Self, ModelError> {
         let act = Activation::from_name(&c.hidden_act).ok_or_else(|| {
-            format!(
+            ModelError::Unsupported(format!(
                 "vision_config.hidden_act {:?} is not supported",
                 c.hidden_act
-            )
+            ))
         })?;
         let d = c.hidden_size as i64;
         let patch = c.patch_size as i64;

@@ -37,65 +37,65 @@ impl Llava {
     /// implementation does not compute is refused, naming it.
     pub fn new(root: &nn::Path, config: &LlavaConfig) -> Result<Self, ModelError> {
         crate::util::numerics::warm_up();
-        Self::build(root, config).map_err(ModelError::Unsupported)
+        Self::build(root, config)
     }
 
-    fn build(root: &nn::Path, config: &LlavaConfig) -> Result<Self, String> {
+    fn build(root: &nn::Path, config: &LlavaConfig) -> Result<Self, ModelError> {
         let v = &config.vision_config;
         let t = &config.text_config;
         if !matches!(
             config.vision_feature_select_strategy.as_str(),
             "default" | "full"
         ) {
-            return Err(format!(
+            return Err(ModelError::Unsupported(format!(
                 "vision_feature_select_strategy {:?} is not supported (default, full)",
                 config.vision_feature_select_strategy
-            ));
+            )));
         }
         let n = v.num_hidden_layers as i64;
         let l = config.vision_feature_layer;
         let feature_layer = if l < 0 { n + 1 + l } else { l };
         if !(0..=n).contains(&feature_layer) {
-            return Err(format!(
+            return Err(ModelError::Unsupported(format!(
                 "vision_feature_layer {l} is outside the vision tower's {n} layers"
-            ));
+            )));
         }
         if t.hidden_size % t.num_attention_heads != 0
             || t.num_attention_heads % t.num_key_value_heads() != 0
         {
-            return Err(format!(
+            return Err(ModelError::Unsupported(format!(
                 "text_config: hidden_size {} / num_attention_heads {} / num_key_value_heads {} do not divide",
                 t.hidden_size,
                 t.num_attention_heads,
                 t.num_key_value_heads()
-            ));
+            )));
         }
         if v.hidden_size % v.num_attention_heads != 0 || v.image_size % v.patch_size != 0 {
-            return Err(
+            return Err(ModelError::Unsupported(
                 "vision_config: hidden_size/heads or image_size/patch_size do not divide".into(),
-            );
+            ));
         }
         let proj_act = Activation::from_name(&config.projector_hidden_act).ok_or_else(|| {
-            format!(
+            ModelError::Unsupported(format!(
                 "projector_hidden_act {:?} is not supported",
                 config.projector_hidden_act
-            )
+            ))
         })?;
         let unsupported = t.unsupported();
         if !unsupported.is_empty() {
-            return Err(unsupported.join("; "));
+            return Err(ModelError::Unsupported(unsupported.join("; ")));
         }
         if t.model_type != "llama" {
-            return Err(format!(
+            return Err(ModelError::Unsupported(format!(
                 "text_config.model_type {:?} is not supported (llama)",
                 t.model_type
-            ));
+            )));
         }
         if v.model_type != "clip_vision_model" {
-            return Err(format!(
+            return Err(ModelError::Unsupported(format!(
                 "vision_config.model_type {:?} is not supported (clip_vision_model)",
                 v.model_type
-            ));
+            )));
         }
         let vision = ClipVision::new(root / "vision_tower" / "vision_model", v)?;
         let mm = root / "multi_modal_projector";
@@ -139,6 +139,14 @@ impl Llava {
         };
         super::weights::load(&vs, dir)?;
         Ok((vs, model))
+    }
+
+    pub(super) fn llama(&self) -> &Llama {
+        &self.llama
+    }
+
+    pub(super) fn lm_head(&self) -> &nn::Linear {
+        &self.lm_head
     }
 
     /// Projected image features `[B·N, D]` for pixel values `[B, 3, H, W]` (N visual tokens per image).

@@ -168,7 +168,7 @@ impl PairSource {
             TrainError::Data(DataError::Row(RowError {
                 shard: shard.clone(),
                 row: r.row,
-                reason,
+                reason: reason.to_string(),
             }))
         })?;
         if let Some(cached) = &self.cached {

@@ -9,13 +9,41 @@
 //! PEFT `target_modules` is a regular expression that names only decoder layers (a plain list such as
 //! `["q_proj"]` would also match the vision tower's projections when PEFT applies it).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tch::{nn, Device, Kind, Tensor};
 
 use super::TrainError;
 use crate::config::{Config, LoraConfig};
 use crate::model::llava::Llava;
+
+/// A file of an adapter or merged model that could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Tensors {
+        path: PathBuf,
+        #[source]
+        source: tch::TchError,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SaveError + '_ {
+    move |source| SaveError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn write_tensors(named: &[(String, Tensor)], path: PathBuf) -> Result<(), SaveError> {
+    Tensor::write_safetensors(named, &path).map_err(|source| SaveError::Tensors { path, source })
+}
 
 /// PEFT's file names.
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -108,8 +136,8 @@ pub fn save_merged(
     cfg: &LoraConfig,
     model_dir: &Path,
     dir: &Path,
-) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+) -> Result<(), SaveError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let adapters = lvs.variables();
     let scale = cfg.alpha / cfg.rank as f64;
     let mut named: Vec<(String, Tensor)> = Vec::new();
@@ -135,11 +163,11 @@ pub fn save_merged(
         named.push((name, merged));
     }
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    Tensor::write_safetensors(&named, dir.join("model.safetensors")).map_err(|e| e.to_string())?;
+    write_tensors(&named, dir.join("model.safetensors"))?;
     for f in super::checkpoint::MODEL_FILES {
         let src = model_dir.join(f);
         if src.exists() {
-            std::fs::copy(&src, dir.join(f)).map_err(|e| format!("{}: {e}", src.display()))?;
+            std::fs::copy(&src, dir.join(f)).map_err(io_err(&src))?;
         }
     }
     Ok(())
@@ -159,14 +187,14 @@ pub fn save_adapter(
     cfg: &LoraConfig,
     base_model: &Path,
     dir: &Path,
-) -> Result<(), String> {
+) -> Result<(), SaveError> {
     let mut named: Vec<(String, Tensor)> = lvs
         .variables()
         .into_iter()
         .map(|(k, v)| (k, v.detach().to_device(Device::Cpu).to_kind(Kind::Float)))
         .collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
-    Tensor::write_safetensors(&named, dir.join(ADAPTER_WEIGHTS)).map_err(|e| e.to_string())?;
+    write_tensors(&named, dir.join(ADAPTER_WEIGHTS))?;
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": null,
@@ -188,9 +216,6 @@ pub fn save_adapter(
         "alpha_pattern": {},
         "revision": null,
     });
-    std::fs::write(
-        dir.join(ADAPTER_CONFIG),
-        serde_json::to_vec_pretty(&config).expect("json"),
-    )
-    .map_err(|e| e.to_string())
+    let path = dir.join(ADAPTER_CONFIG);
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).map_err(io_err(&path))
 }

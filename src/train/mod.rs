@@ -67,6 +67,8 @@ pub enum TrainError {
     },
     #[error("collective: {0}")]
     Collective(#[from] CollectiveError),
+    #[error(transparent)]
+    Plan(#[from] crate::memplan::PlanError),
 }
 
 use crate::data::FEED_DEPTH;

@@ -53,8 +53,7 @@ pub(super) fn prepare<'a>(
     let (rank, world) = (comm.rank(), comm.world_size());
     let kind = cfg.model.dtype.weight_kind(device);
     // The memory plan (src/memplan/), before anything is loaded: logged, and a job that cannot fit is refused.
-    crate::memplan::check_before_training(cfg, device, kind, rank, world)
-        .map_err(TrainError::Setup)?;
+    crate::memplan::check_before_training(cfg, device, kind, rank, world)?;
     let out_dir = &cfg.train.output_dir;
     std::fs::create_dir_all(out_dir).map_err(|source| TrainError::Io {
         path: out_dir.clone(),

@@ -27,7 +27,7 @@ pub(super) async fn handle(s: &mut Session, task: pb::Precompute) -> Result<(), 
     s.reference = model;
     let (rows_written, rows_skipped, error) = match outcome {
         Ok((w, k)) => (w, k, String::new()),
-        Err(e) => (0, 0, e),
+        Err(e) => (0, 0, e.to_string()),
     };
     let req = pb::CompleteShardRequest {
         worker_id: s.id.clone(),
@@ -43,23 +43,32 @@ pub(super) async fn handle(s: &mut Session, task: pb::Precompute) -> Result<(), 
     Ok(())
 }
 
+/// Why one shard's cache could not be computed (reported to the coordinator as text).
+#[derive(Debug, thiserror::Error)]
+pub enum PrecomputeError {
+    #[error(transparent)]
+    Cache(#[from] crate::refcache::CacheError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+}
+
 /// Computes one shard's cache file (unless it is already valid), loading the reference model on first use.
 fn precompute_shard(
     cfg: &Config,
     shard: &Path,
     device: tch::Device,
     model: &mut Reference,
-) -> Result<(u64, u64), String> {
-    let cache = RefCache::open_for_device(cfg, device).map_err(|e| e.to_string())?;
-    let missing = cache
-        .missing_shards(&[shard.to_owned()])
-        .map_err(|e| e.to_string())?;
+) -> Result<(u64, u64), PrecomputeError> {
+    let cache = RefCache::open_for_device(cfg, device)?;
+    let missing = cache.missing_shards(&[shard.to_owned()])?;
     if missing.is_empty() {
         return Ok((0, 0));
     }
     if model.is_none() {
         let kind = refcache::reference_kind(cfg, device);
-        *model = Some(Llava::load(cfg.reference_path(), device, kind).map_err(|e| e.to_string())?);
+        *model = Some(Llava::load(cfg.reference_path(), device, kind)?);
     }
     let (_, m) = model.as_ref().expect("loaded");
     let pre = Preprocessor::from_model_dir(
@@ -68,10 +77,7 @@ fn precompute_shard(
         cfg.data.max_length,
         cfg.data.pad_to_square,
         cfg.ddpo.min_match,
-    )
-    .map_err(|e| e.to_string())?;
-    let r = cache
-        .compute_shard(m, &pre, shard, &ComputeOptions::from_config(cfg, device))
-        .map_err(|e| e.to_string())?;
+    )?;
+    let r = cache.compute_shard(m, &pre, shard, &ComputeOptions::from_config(cfg, device))?;
     Ok((r.rows_written, r.rows_skipped))
 }

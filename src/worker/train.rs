@@ -10,9 +10,11 @@ use super::heartbeat::{Hooks, Shared};
 use super::session::Session;
 use super::WorkerError;
 use crate::collective::ring::RingListener;
-use crate::collective::{Collective, LocalCollective, NcclCollective, RingCollective};
+use crate::collective::{
+    Collective, CollectiveError, LocalCollective, NcclCollective, RingCollective,
+};
 use crate::rpc::pb;
-use crate::train::{TrainOptions, TrainReport};
+use crate::train::{TrainError, TrainOptions, TrainReport};
 
 /// What the training thread needs to join its world.
 struct Membership {
@@ -70,7 +72,6 @@ pub(super) async fn handle(s: &mut Session, t: pb::Train) -> Result<bool, Worker
         let mut comm = join(&member, listener, &shared.abort)?;
         let mut hooks = Hooks { shared };
         crate::train::train_distributed(&cfg, &opts, comm.as_mut(), &mut hooks)
-            .map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| WorkerError::Setup(format!("training thread: {e}")))?;
@@ -107,38 +108,43 @@ fn join(
     m: &Membership,
     listener: RingListener,
     abort: &AtomicBool,
-) -> Result<Box<dyn Collective>, String> {
+) -> Result<Box<dyn Collective>, CollectiveError> {
     Ok(match m.backend {
         pb::Backend::Local => Box::new(LocalCollective),
-        pb::Backend::Ring => Box::new(
-            RingCollective::connect_or_abort(
-                listener,
-                m.rank,
-                &m.peers,
-                m.generation,
-                m.timeout,
-                abort,
-            )
-            .map_err(|e| e.to_string())?,
-        ),
+        pb::Backend::Ring => Box::new(RingCollective::connect_or_abort(
+            listener,
+            m.rank,
+            &m.peers,
+            m.generation,
+            m.timeout,
+            abort,
+        )?),
         pb::Backend::Nccl => {
-            let id: [u8; 128] = m
-                .nccl_id
-                .as_slice()
-                .try_into()
-                .map_err(|_| format!("NCCL id of {} bytes", m.nccl_id.len()))?;
+            let id: [u8; 128] = m.nccl_id.as_slice().try_into().map_err(|_| {
+                CollectiveError::InvalidArgument(format!(
+                    "NCCL id of {} bytes (expected 128)",
+                    m.nccl_id.len()
+                ))
+            })?;
             // The communicator is created and used on this thread only.
-            Box::new(
-                NcclCollective::with_timeout(m.rank, m.world, id, m.device_index, m.timeout)
-                    .map_err(|e| e.to_string())?,
-            )
+            Box::new(NcclCollective::with_timeout(
+                m.rank,
+                m.world,
+                id,
+                m.device_index,
+                m.timeout,
+            )?)
         }
-        pb::Backend::Unspecified => return Err("the coordinator named no backend".into()),
+        pb::Backend::Unspecified => {
+            return Err(CollectiveError::InvalidArgument(
+                "the coordinator named no backend".into(),
+            ))
+        }
     })
 }
 
 /// `TrainingEnded`: finished or not, the error, the step reached and the last checkpoint.
-async fn report(s: &mut Session, generation: u64, outcome: Result<TrainReport, String>) {
+async fn report(s: &mut Session, generation: u64, outcome: Result<TrainReport, TrainError>) {
     let shared: &Arc<Shared> = &s.shared;
     let req = match &outcome {
         Ok(r) => pb::TrainingEndedRequest {
@@ -159,7 +165,7 @@ async fn report(s: &mut Session, generation: u64, outcome: Result<TrainReport, S
                 worker_id: s.id.clone(),
                 generation,
                 finished: false,
-                error: e.clone(),
+                error: e.to_string(),
                 step: shared.step.load(Ordering::Relaxed),
                 last_checkpoint: String::new(),
             }
