@@ -12,7 +12,7 @@ BIN := target/debug
 # CI (.ci/run) calls `make test`: cargo tests (library, binaries, integration tests; the benches are built, not
 # run), formatting, clippy with warnings as errors, the API docs with warnings as errors, the deploy checks and a
 # real one-node Slurm cluster.
-.PHONY: setup build test test-slurm test-deploy demo lint bench-data bench-forward bench-train bench-collective bench-step clean-demo
+.PHONY: setup build test test-slurm test-deploy demo lint bench-data bench-forward bench-train bench-collective bench-step bench-generate clean-demo
 
 setup:
 	@scripts/setup.sh >/dev/null
@@ -62,6 +62,10 @@ bench-collective: setup
 # The training step side by side with the Python (transformers, RLHF-V-style) baseline (see BENCHMARKS.md).
 bench-step: setup
 	$(CARGO) bench --bench ddpo_step
+
+# Generation tokens/s vs transformers' generate: greedy at batch 1 and 8, K = 4 samples (see BENCHMARKS.md).
+bench-generate: setup
+	$(CARGO) bench --bench generate
 
 clean-demo:
 	rm -rf $(DEMO)

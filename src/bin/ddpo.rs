@@ -113,6 +113,9 @@ enum Cmd {
     /// (flags override its values) or a model preset. Comma-separated --preset, --world and --zero-stage
     /// values print one summary row per combination instead.
     Plan(ddpo::memplan::PlanArgs),
+    /// Answer the questions of preference shards or of a prompts file with a model (greedy or sampled, K
+    /// answers each), into one parquet file: question, image, sample, response text and token ids.
+    Generate(ddpo::generate::GenerateArgs),
 }
 
 fn main() -> ExitCode {
@@ -157,6 +160,7 @@ fn main() -> ExitCode {
             })
             .map_err(anyhow::Error::from),
         Cmd::Precompute { config, device } => cmd_precompute(&config, &device),
+        Cmd::Generate(args) => cmd_generate(&args),
         Cmd::Status {
             coordinator,
             json,
@@ -329,6 +333,13 @@ fn load_config(path: &Path) -> Result<Config> {
         );
     }
     Ok(cfg)
+}
+
+fn cmd_generate(args: &ddpo::generate::GenerateArgs) -> Result<ExitCode> {
+    let report = ddpo::generate::run_generate_command(args)?;
+    println!("{report}");
+    println!("answers: {}", args.out.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn cmd_precompute(path: &Path, device: &str) -> Result<ExitCode> {

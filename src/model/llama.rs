@@ -4,7 +4,8 @@
 //! Variables live under the path given (`language_model.model.…`, llava-hf layout); the LM head is separate
 //! (`language_model.lm_head`) so log-probs can project only the positions that need them.
 //! Invariants: RMSNorm is computed in fp32 and cast back (as transformers does); rotary tables are built in
-//! fp32; padding is on the right, so positions are 0..T-1 for every row.
+//! fp32; training pads on the right, so positions are 0..T-1 for every row; generation pads prompts on the left
+//! and passes positions and a mask to [`Llama::forward_cached`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -160,6 +161,32 @@ impl Attention {
     }
 
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Tensor {
+        let (q, k, v) = self.project(x, cos, sin);
+        self.attend(&q, k, v, mask)
+    }
+
+    /// As [`Attention::forward`] for new tokens after those in `cache`: their keys and values are appended to
+    /// it and the queries attend to all of them (`mask` is `[B, 1, T, cached + T]`).
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Tensor {
+        let (q, k, v) = self.project(x, cos, sin);
+        let (k, v) = match cache.take() {
+            Some((ck, cv)) => (Tensor::cat(&[ck, k], 2), Tensor::cat(&[cv, v], 2)),
+            None => (k, v),
+        };
+        *cache = Some((k.shallow_clone(), v.shallow_clone()));
+        self.attend(&q, k, v, mask)
+    }
+
+    /// Queries, keys and values `[B, heads, T, head_dim]` with the rotary embedding applied (keys and values
+    /// with the key-value heads only).
+    fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> (Tensor, Tensor, Tensor) {
         let (b, t, _) = x.size3().expect("[batch, seq, hidden]");
         let q = self
             .q
@@ -178,6 +205,11 @@ impl Attention {
             .transpose(1, 2);
         let q = &q * cos + rotate_half(&q) * sin;
         let k = &k * cos + rotate_half(&k) * sin;
+        (q, k, v)
+    }
+
+    fn attend(&self, q: &Tensor, k: Tensor, v: Tensor, mask: &Tensor) -> Tensor {
+        let (b, _, t, _) = q.size4().expect("[batch, heads, seq, head_dim]");
         let (k, v) = if self.kv_heads != self.heads {
             let rep = self.heads / self.kv_heads;
             (
@@ -188,7 +220,7 @@ impl Attention {
             (k, v)
         };
         let y =
-            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false);
+            Tensor::scaled_dot_product_attention(q, &k, &v, Some(mask), 0.0, false, None, false);
         self.o.forward(
             &y.transpose(1, 2)
                 .contiguous()
@@ -222,9 +254,28 @@ impl Layer {
     }
 
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Tensor {
-        let x = x + self
+        let a = self
             .attn
             .forward(&self.input_norm.forward(x), cos, sin, mask);
+        self.mlp(x + a)
+    }
+
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> Tensor {
+        let a = self
+            .attn
+            .forward_cached(&self.input_norm.forward(x), cos, sin, mask, cache);
+        self.mlp(x + a)
+    }
+
+    /// The residual MLP half of a layer.
+    fn mlp(&self, x: Tensor) -> Tensor {
         let h = self.post_norm.forward(&x);
         let m = self
             .down
@@ -328,6 +379,42 @@ impl Llama {
         )
     }
 
+    /// cos/sin `[B, 1, T, head_dim]` at rotary `positions` `[B, T]` (each below `rows`): rows of the table
+    /// for 0..rows-1, so every layout gets the very values the plain causal forward computes.
+    fn rotary_at(&self, positions: &Tensor, rows: i64, kind: Kind) -> (Tensor, Tensor) {
+        let (b, t) = positions.size2().expect("[batch, seq]");
+        let (cos, sin) = self.rotary(rows, positions.device(), kind);
+        let at = |table: &Tensor| {
+            table
+                .view([rows, self.head_dim])
+                .index_select(0, &positions.reshape([-1]))
+                .view([b, 1, t, self.head_dim])
+        };
+        (at(&cos), at(&sin))
+    }
+
+    /// Final hidden states `[B, T, D]` of new tokens after those in `cache` (empty for the first call):
+    /// `positions` `[B, T]` are their rotary positions, `mask` `[B, 1, T, cached + T]` says which keys each
+    /// query sees (generation: left padding masked, causal). Appends the new keys and values to `cache`.
+    pub fn forward_cached(
+        &self,
+        embeds: &Tensor,
+        positions: &Tensor,
+        mask: &Tensor,
+        cache: &mut KvCache,
+    ) -> Tensor {
+        let rows = i64::try_from(positions.max()).expect("positions") + 1;
+        let (cos, sin) = self.rotary_at(positions, rows, embeds.kind());
+        if cache.layers.is_empty() {
+            cache.layers = (0..self.layers.len()).map(|_| None).collect();
+        }
+        let mut x = embeds.shallow_clone();
+        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward_cached(&x, &cos, &sin, mask, c);
+        }
+        self.norm.forward(&x)
+    }
+
     /// Final hidden states `[B, L, D]` of shared-prefix rows (see `data::collate::Packed`): `segments`
     /// `[B, L]` (prompt 0, chosen 1, rejected 2, padding 3) and rotary `positions` `[B, L]`. A token sees
     /// earlier tokens of the prompt and of its own segment; padding is never a key.
@@ -342,14 +429,7 @@ impl Llama {
         let device = embeds.device();
         // Positions never exceed L − 1 (a response is numbered from the prompt's end), so a table of L
         // rows covers them; gathering rows gives the very values the split layout computes.
-        let (cos, sin) = self.rotary(l, device, embeds.kind());
-        let at = |table: &Tensor| {
-            table
-                .view([l, self.head_dim])
-                .index_select(0, &positions.reshape([-1]))
-                .view([b, 1, l, self.head_dim])
-        };
-        let (cos, sin) = (at(&cos), at(&sin));
+        let (cos, sin) = self.rotary_at(positions, l, embeds.kind());
         let causal = Tensor::ones([l, l], (Kind::Bool, device))
             .tril(0)
             .view([1, 1, l, l]);
@@ -382,5 +462,34 @@ impl Llama {
             x = layer.forward(&x, &cos, &sin, &mask);
         }
         self.norm.forward(&x)
+    }
+}
+
+/// Keys and values of the tokens seen so far, per layer (`[B, kv_heads, T, head_dim]` each): what incremental
+/// decoding reuses instead of recomputing the prefix.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Tokens cached (0 when empty).
+    pub fn len(&self) -> i64 {
+        match self.layers.first() {
+            Some(Some((k, _))) => k.size()[2],
+            _ => 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps (and repeats) the rows `rows` `[N]` of the batch: K samples of one prompt share its prefill.
+    pub fn select_rows(&mut self, rows: &Tensor) {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(0, rows);
+            *v = v.index_select(0, rows);
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod generate;
 pub mod llama;
 pub mod llava;
 pub mod weights;

@@ -1,0 +1,218 @@
+//! The answers file: one parquet row per (prompt, sample) with the prompt's id, question and image (as HF
+//! datasets stores images), the sample number, the response text, its token ids and whether it ended with EOS.
+//! Written under a temporary name and renamed when complete.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, AsArray, BinaryArray, BooleanArray, Int32Array, Int32Builder, ListBuilder,
+    RecordBatch, StringArray, StructArray,
+};
+use arrow::datatypes::{DataType, Field, Fields, Int32Type, Schema, SchemaRef};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ArrowWriter;
+
+use super::prompts::Encoded;
+use super::GenerateError;
+use crate::data::pipeline::Preprocessor;
+use crate::util::fsx;
+
+/// Rows buffered before a record batch is written.
+const BATCH_ROWS: usize = 64;
+
+/// One answer read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnswerRow {
+    pub id: String,
+    pub question: String,
+    pub image: Vec<u8>,
+    pub sample: i32,
+    pub response: String,
+    pub response_ids: Vec<i32>,
+    /// The answer ended with EOS (false: `max_new_tokens` cut it).
+    pub finished: bool,
+}
+
+fn image_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("bytes", DataType::Binary, true),
+        Field::new("path", DataType::Utf8, true),
+    ])
+}
+
+fn schema() -> SchemaRef {
+    let ids = DataType::List(Arc::new(Field::new("item", DataType::Int32, true)));
+    Arc::new(Schema::new(vec![
+        Field::new("idx", DataType::Utf8, false),
+        Field::new("question", DataType::Utf8, false),
+        Field::new("image", DataType::Struct(image_fields()), true),
+        Field::new("sample", DataType::Int32, false),
+        Field::new("response", DataType::Utf8, false),
+        Field::new("response_ids", ids, false),
+        Field::new("finished", DataType::Boolean, false),
+    ]))
+}
+
+pub(super) struct Writer {
+    path: PathBuf,
+    tmp: PathBuf,
+    writer: Option<ArrowWriter<File>>,
+    rows: Vec<AnswerRow>,
+}
+
+impl Writer {
+    pub fn create(path: &Path) -> Result<Self, GenerateError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| out_err(path, e))?;
+        }
+        let tmp = fsx::temp_sibling(path);
+        let file = File::create(&tmp).map_err(|e| out_err(&tmp, e))?;
+        let writer = ArrowWriter::try_new(file, schema(), None).map_err(|e| out_err(&tmp, e))?;
+        Ok(Self {
+            path: path.to_owned(),
+            tmp,
+            writer: Some(writer),
+            rows: Vec::new(),
+        })
+    }
+
+    /// Adds sample `k` of prompt `p`: `ids` are the generated tokens (EOS last when it finished).
+    pub fn push(
+        &mut self,
+        p: &Encoded,
+        k: usize,
+        ids: &[i64],
+        pre: &Preprocessor,
+        eos_id: i64,
+    ) -> Result<(), GenerateError> {
+        let finished = ids.last() == Some(&eos_id);
+        let text_ids: Vec<u32> = ids
+            .iter()
+            .filter(|&&t| t != eos_id)
+            .map(|&t| t as u32)
+            .collect();
+        let response = pre
+            .text
+            .tokenizer()
+            .decode(&text_ids, true)
+            .map_err(|e| out_err(&self.path, e))?;
+        self.rows.push(AnswerRow {
+            id: p.prompt.id.clone(),
+            question: p.prompt.question.clone(),
+            image: p.prompt.image.clone(),
+            sample: k as i32,
+            response,
+            response_ids: ids.iter().map(|&t| t as i32).collect(),
+            finished,
+        });
+        if self.rows.len() >= BATCH_ROWS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), GenerateError> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let batch = to_batch(&self.rows).map_err(|e| out_err(&self.tmp, e))?;
+        let w = self.writer.as_mut().expect("open until finish");
+        w.write(&batch).map_err(|e| out_err(&self.tmp, e))?;
+        self.rows.clear();
+        Ok(())
+    }
+
+    /// Writes what is buffered, closes the file and renames it into place.
+    pub fn finish(mut self) -> Result<(), GenerateError> {
+        self.flush()?;
+        let w = self.writer.take().expect("open until finish");
+        let file = w.into_inner().map_err(|e| out_err(&self.tmp, e))?;
+        file.sync_all().map_err(|e| out_err(&self.tmp, e))?;
+        fsx::commit(&self.tmp, &self.path).map_err(|e| out_err(&self.path, e))
+    }
+}
+
+impl Drop for Writer {
+    /// An unfinished file is removed: the output is complete or absent.
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn out_err(path: &Path, e: impl std::fmt::Display) -> GenerateError {
+    GenerateError::Output {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+fn to_batch(rows: &[AnswerRow]) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let image = StructArray::try_new(
+        image_fields(),
+        vec![
+            Arc::new(BinaryArray::from_iter_values(rows.iter().map(|r| &r.image))) as ArrayRef,
+            Arc::new(StringArray::from(vec![None::<&str>; rows.len()])) as ArrayRef,
+        ],
+        None,
+    )?;
+    let mut ids = ListBuilder::new(Int32Builder::new());
+    for r in rows {
+        ids.values().append_slice(&r.response_ids);
+        ids.append(true);
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.id))),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| &r.question),
+        )),
+        Arc::new(image),
+        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.sample))),
+        Arc::new(StringArray::from_iter_values(
+            rows.iter().map(|r| &r.response),
+        )),
+        Arc::new(ids.finish()),
+        Arc::new(BooleanArray::from_iter(
+            rows.iter().map(|r| Some(r.finished)),
+        )),
+    ];
+    RecordBatch::try_new(schema(), columns)
+}
+
+/// Reads an answers file back (tests, evaluation).
+pub fn read_answers(path: &Path) -> Result<Vec<AnswerRow>, GenerateError> {
+    let err = |e: &dyn std::fmt::Display| out_err(path, e);
+    let file = File::open(path).map_err(|e| err(&e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| err(&e))?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let b = batch.map_err(|e| err(&e))?;
+        if b.schema().fields() != schema().fields() {
+            return Err(err(&"not a `ddpo generate` answers file (other columns)"));
+        }
+        let s = |i: usize| b.column(i).as_string::<i32>().clone();
+        let (ids, questions, responses) = (s(0), s(1), s(4));
+        let images = b.column(2).as_struct().column(0).as_binary::<i32>().clone();
+        let samples = b.column(3).as_primitive::<Int32Type>().clone();
+        let tokens = b.column(5).as_list::<i32>().clone();
+        let finished = b.column(6).as_boolean().clone();
+        for r in 0..b.num_rows() {
+            let t = tokens.value(r);
+            out.push(AnswerRow {
+                id: ids.value(r).to_owned(),
+                question: questions.value(r).to_owned(),
+                image: images.value(r).to_vec(),
+                sample: samples.value(r),
+                response: responses.value(r).to_owned(),
+                response_ids: t.as_primitive::<Int32Type>().values().to_vec(),
+                finished: finished.value(r),
+            });
+        }
+    }
+    Ok(out)
+}
