@@ -7,6 +7,7 @@ pub mod config;
 pub mod coordinator;
 pub mod data;
 pub mod ddpo;
+pub mod evaluate;
 pub mod generate;
 pub mod logging;
 pub mod logps;

@@ -116,6 +116,9 @@ enum Cmd {
     /// Answer the questions of preference shards or of a prompts file with a model (greedy or sampled, K
     /// answers each), into one parquet file: question, image, sample, response text and token ids.
     Generate(ddpo::generate::GenerateArgs),
+    /// How often a model hallucinates about synthetic scenes: its answers (generated, or from a `generate`
+    /// file) scored claim by claim against each row's scene; CHAIR_s/CHAIR_i-like rates, per kind, coverage.
+    Evaluate(ddpo::evaluate::EvaluateArgs),
 }
 
 fn main() -> ExitCode {
@@ -161,6 +164,12 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from),
         Cmd::Precompute { config, device } => cmd_precompute(&config, &device),
         Cmd::Generate(args) => cmd_generate(&args),
+        Cmd::Evaluate(args) => ddpo::evaluate::run_evaluate_command(&args)
+            .map(|report| {
+                println!("{report}");
+                ExitCode::SUCCESS
+            })
+            .map_err(anyhow::Error::from),
         Cmd::Status {
             coordinator,
             json,

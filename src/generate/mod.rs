@@ -18,7 +18,7 @@ use crate::config::{parse_device, Dtype};
 use crate::data::pipeline::Preprocessor;
 use crate::model::generate::{GenerateOptions, Sampling};
 use crate::model::llava::Llava;
-pub use output::{read_answers, AnswerRow};
+pub use output::{read_answers, write_answers, AnswerRow};
 pub use prompts::{Prompt, PromptSource};
 
 /// Why `ddpo generate` stopped.

@@ -63,6 +63,7 @@ pub(super) struct Writer {
 }
 
 impl Writer {
+    /// Starts `path` (under a temporary name until [`Writer::finish`]).
     pub fn create(path: &Path) -> Result<Self, GenerateError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| out_err(path, e))?;
@@ -98,7 +99,7 @@ impl Writer {
             .tokenizer()
             .decode(&text_ids, true)
             .map_err(|e| out_err(&self.path, e))?;
-        self.rows.push(AnswerRow {
+        self.push_row(AnswerRow {
             id: p.prompt.id.clone(),
             question: p.prompt.question.clone(),
             image: p.prompt.image.clone(),
@@ -106,7 +107,11 @@ impl Writer {
             response,
             response_ids: ids.iter().map(|&t| t as i32).collect(),
             finished,
-        });
+        })
+    }
+
+    fn push_row(&mut self, row: AnswerRow) -> Result<(), GenerateError> {
+        self.rows.push(row);
         if self.rows.len() >= BATCH_ROWS {
             self.flush()?;
         }
@@ -180,6 +185,16 @@ fn to_batch(rows: &[AnswerRow]) -> Result<RecordBatch, arrow::error::ArrowError>
         )),
     ];
     RecordBatch::try_new(schema(), columns)
+}
+
+/// Writes answers made elsewhere (another tool's, or reference texts) as an answers file, e.g. for
+/// `ddpo evaluate --responses`.
+pub fn write_answers(path: &Path, rows: &[AnswerRow]) -> Result<(), GenerateError> {
+    let mut w = Writer::create(path)?;
+    for r in rows {
+        w.push_row(r.clone())?;
+    }
+    w.finish()
 }
 
 /// Reads an answers file back (tests, evaluation).

@@ -11,6 +11,7 @@ mod data_input;
 mod determinism;
 mod diff_oracle;
 mod distributed;
+mod evaluate;
 mod generate;
 mod image_oracle;
 mod layering;

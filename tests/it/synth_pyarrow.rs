@@ -25,6 +25,7 @@ expected = pa.schema([
     ("origin_split", pa.string()),
     ("idx", pa.int64()),
     ("image_path", pa.string()),
+    ("scene", pa.string()),
 ])
 summary = {"files": []}
 for f in files:
@@ -49,6 +50,9 @@ for f in files:
         img.convert("RGB").load()
         if r["image"]["path"] != r["image_path"]:
             sys.exit(f"{f}: row {r['idx']}: image.path {r['image']['path']} != image_path {r['image_path']}")
+        scene = json.loads(r["scene"])
+        if not scene or any(sorted(g) != ["colour", "count", "position", "shape"] for g in scene):
+            sys.exit(f"{f}: row {r['idx']}: scene {scene}")
         split = json.loads(r["origin_split"])
         if split.get("type") != "synthetic":
             sys.exit(f"{f}: row {r['idx']}: origin_split {split}")

@@ -280,6 +280,7 @@ mod draw;
 mod output;
 mod rng;
 mod scenes;
+pub mod truth;
 mod words;
 
 use draw::*;
@@ -497,7 +498,7 @@ mod tests {
     }
 
     #[test]
-    fn schema_is_the_rlhf_v_layout() {
+    fn schema_is_the_rlhf_v_layout_plus_the_scene() {
         let dir = tempfile::tempdir().unwrap();
         let report = write_synthetic(&opts(dir.path(), 3, 1, 0)).unwrap();
         let builder =
@@ -520,6 +521,7 @@ mod tests {
                 ("origin_split", &DataType::Utf8),
                 ("idx", &DataType::Int64),
                 ("image_path", &DataType::Utf8),
+                ("scene", &DataType::Utf8),
             ]
         );
         let batch = builder.build().unwrap().next().unwrap().unwrap();

@@ -3,7 +3,7 @@
 use super::*;
 
 pub(super) fn schema() -> SchemaRef {
-    let features = r#"{"info": {"features": {"ds_name": {"dtype": "string", "_type": "Value"}, "image": {"_type": "Image"}, "text": {"dtype": "string", "_type": "Value"}, "origin_dataset": {"dtype": "string", "_type": "Value"}, "origin_split": {"dtype": "string", "_type": "Value"}, "idx": {"dtype": "int64", "_type": "Value"}, "image_path": {"dtype": "string", "_type": "Value"}}}}"#;
+    let features = r#"{"info": {"features": {"ds_name": {"dtype": "string", "_type": "Value"}, "image": {"_type": "Image"}, "text": {"dtype": "string", "_type": "Value"}, "origin_dataset": {"dtype": "string", "_type": "Value"}, "origin_split": {"dtype": "string", "_type": "Value"}, "idx": {"dtype": "int64", "_type": "Value"}, "image_path": {"dtype": "string", "_type": "Value"}, "scene": {"dtype": "string", "_type": "Value"}}}}"#;
     let metadata = HashMap::from([("huggingface".to_string(), features.to_string())]);
     Arc::new(
         Schema::new(vec![
@@ -14,6 +14,8 @@ pub(super) fn schema() -> SchemaRef {
             Field::new("origin_split", DataType::Utf8, true),
             Field::new("idx", DataType::Int64, true),
             Field::new("image_path", DataType::Utf8, true),
+            // Not an RLHF-V column: the scene the image shows, for `ddpo evaluate` (readers ignore it).
+            Field::new("scene", DataType::Utf8, true),
         ])
         .with_metadata(metadata),
     )
@@ -138,6 +140,7 @@ pub(super) fn build_batch(
             rows.iter().map(|r| r.idx as i64),
         )),
         Arc::new(StringArray::from_iter_values(&paths)),
+        Arc::new(StringArray::from_iter_values(rows.iter().map(|r| &r.scene))),
     ];
     RecordBatch::try_new(schema.clone(), columns)
 }

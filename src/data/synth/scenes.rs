@@ -37,6 +37,8 @@ pub(super) struct SynthRow {
     pub(super) rejected: String,
     pub(super) png: Vec<u8>,
     pub(super) edits: Vec<Edit>,
+    /// What the image shows, as JSON (`truth::SceneGroup` list): the `scene` column.
+    pub(super) scene: String,
 }
 
 impl SynthRow {
@@ -75,6 +77,7 @@ pub(super) fn generate_row(
         rejected: texts.rejected,
         png,
         edits: texts.edits,
+        scene: truth::scene_json(&groups),
     })
 }
 

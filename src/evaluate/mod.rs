@@ -1,0 +1,184 @@
+//! `ddpo evaluate`: how often a model hallucinates about synthetic scenes. Answers (generated here, greedy, or
+//! read from a `ddpo generate` file) are scored claim by claim against each row's stored scene
+//! (`data::synth::truth`): the share of answers with at least one false claim (CHAIR_s-like), the share of
+//! false claims among all claims (CHAIR_i-like), rates per kind (object, colour, count, position) and coverage
+//! (the share of true groups mentioned correctly, so saying nothing does not score well). The binary parses
+//! flags and calls [`run_evaluate_command`].
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use crate::data::shards;
+use crate::data::synth::truth::{self, Score, KINDS};
+use crate::generate::{self, GenerateArgs};
+
+/// Why `ddpo evaluate` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum EvaluateError {
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Generate(#[from] generate::GenerateError),
+    /// An answer whose prompt id is in no scene file.
+    #[error("{}: answer for id {id:?} has no scene in the data", path.display())]
+    UnknownId { path: PathBuf, id: String },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `ddpo evaluate`'s flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EvaluateArgs {
+    /// Shards made by `ddpo synth` (paths or globs, comma-separated): the prompts and their scenes.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub data: Vec<String>,
+    /// Model to generate the answers with (greedy), unless --responses is given.
+    #[arg(long, required_unless_present = "responses")]
+    pub model: Option<PathBuf>,
+    /// Score the answers of this `ddpo generate` file instead of generating.
+    #[arg(long, conflicts_with = "model")]
+    pub responses: Option<PathBuf>,
+    /// Where the generated answers go (default: next to --out, or `answers.parquet`).
+    #[arg(long)]
+    pub answers: Option<PathBuf>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 96)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    #[arg(long, default_value = "llava_v1")]
+    pub template: String,
+}
+
+/// Rates over a set of answers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    pub answers: usize,
+    /// Share of answers with at least one false claim.
+    pub chair_s: f64,
+    /// False claims / claims.
+    pub chair_i: f64,
+    /// Per kind (`object`, `colour`, `count`, `position`): false claims / claims of that kind.
+    pub false_rate: std::collections::BTreeMap<String, f64>,
+    pub claims: u64,
+    pub false_claims: u64,
+    /// Scene groups mentioned with the right shape and colour / all scene groups.
+    pub coverage: f64,
+}
+
+impl Report {
+    /// Aggregates per-answer scores.
+    pub fn of(scores: &[Score]) -> Self {
+        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        let sum = |f: &dyn Fn(&Score) -> u64| scores.iter().map(f).sum::<u64>();
+        let claims = sum(&|s| s.claims.iter().map(|&c| u64::from(c)).sum());
+        let false_claims = sum(&|s| u64::from(s.total_false()));
+        let false_rate = KINDS
+            .iter()
+            .enumerate()
+            .map(|(k, name)| {
+                let f = sum(&|s| u64::from(s.false_claims[k]));
+                (name.to_string(), ratio(f, sum(&|s| u64::from(s.claims[k]))))
+            })
+            .collect();
+        Self {
+            answers: scores.len(),
+            chair_s: ratio(
+                sum(&|s| u64::from(s.total_false() > 0)),
+                scores.len() as u64,
+            ),
+            chair_i: ratio(false_claims, claims),
+            false_rate,
+            claims,
+            false_claims,
+            coverage: ratio(
+                sum(&|s| u64::from(s.covered)),
+                sum(&|s| u64::from(s.groups)),
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "answers            {}", self.answers)?;
+        writeln!(f, "CHAIR_s (answers)  {:.4}", self.chair_s)?;
+        writeln!(
+            f,
+            "CHAIR_i (claims)   {:.4}  ({} of {})",
+            self.chair_i, self.false_claims, self.claims
+        )?;
+        for (k, v) in &self.false_rate {
+            writeln!(f, "  false {k:<10} {v:.4}")?;
+        }
+        write!(f, "coverage           {:.4}", self.coverage)
+    }
+}
+
+/// Runs `ddpo evaluate`: answers (generated or given) scored against the scenes of `args.data`.
+pub fn run_evaluate_command(args: &EvaluateArgs) -> Result<Report, EvaluateError> {
+    let files = shards::discover(&args.data)?;
+    let scenes = truth::read_scenes(&files)?;
+    let answers_file = match (&args.responses, &args.model) {
+        (Some(r), _) => r.clone(),
+        (None, Some(model)) => {
+            let out = args.answers.clone().unwrap_or_else(|| {
+                let dir = args
+                    .out
+                    .as_ref()
+                    .and_then(|o| o.parent())
+                    .map(PathBuf::from);
+                dir.unwrap_or_default().join("answers.parquet")
+            });
+            let g = generate::run_generate_command(&GenerateArgs {
+                model: model.clone(),
+                data: args.data.clone(),
+                prompts: None,
+                out: out.clone(),
+                samples: 1,
+                max_new_tokens: args.max_new_tokens,
+                temperature: 0.0,
+                top_p: 1.0,
+                top_k: 0,
+                seed: 0,
+                batch_size: args.batch_size,
+                device: args.device.clone(),
+                dtype: args.dtype.clone(),
+                template: args.template.clone(),
+                pad_to_square: false,
+            })?;
+            tracing::info!("generated: {g}");
+            out
+        }
+        (None, None) => unreachable!("clap requires --model or --responses"),
+    };
+    let answers = generate::read_answers(&answers_file)?;
+    let mut scores = Vec::with_capacity(answers.len());
+    for a in &answers {
+        let scene = scenes.get(&a.id).ok_or_else(|| EvaluateError::UnknownId {
+            path: answers_file.clone(),
+            id: a.id.clone(),
+        })?;
+        scores.push(truth::score(&a.response, scene));
+    }
+    let report = Report::of(&scores);
+    if let Some(out) = &args.out {
+        let json = serde_json::to_vec_pretty(&report).expect("a report serialises");
+        crate::util::fsx::write_atomic(out, &json).map_err(|source| EvaluateError::Io {
+            path: out.clone(),
+            source,
+        })?;
+    }
+    Ok(report)
+}

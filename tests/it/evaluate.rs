@@ -1,0 +1,148 @@
+//! `ddpo evaluate` end to end on synthetic scenes: reference answers score no hallucination and full coverage,
+//! the corrupted answers of the same rows score exactly their injected errors, a model's generated answers are
+//! scored and the report written; data without scenes and answers for unknown ids are refused by name.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use ddpo::data::reader::ShardReader;
+use ddpo::data::synth::{write_synthetic, Difficulty, SynthOptions};
+use ddpo::generate::{write_answers, AnswerRow};
+
+fn ddpo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ddpo"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run ddpo")
+}
+
+fn text_of(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Answers made of each row's chosen (or rejected) text.
+fn answers_of(shard: &Path, chosen: bool) -> Vec<AnswerRow> {
+    ShardReader::open(shard, 16)
+        .unwrap()
+        .map(|r| {
+            let r = r.unwrap();
+            AnswerRow {
+                id: r.id,
+                question: r.question,
+                image: Vec::new(),
+                sample: 0,
+                response: if chosen { r.chosen } else { r.rejected },
+                response_ids: Vec::new(),
+                finished: true,
+            }
+        })
+        .collect()
+}
+
+fn report(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn reference_answers_are_clean_corrupted_ones_are_caught_and_models_are_scored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let opts = SynthOptions {
+        out_dir: dir.join("data"),
+        pairs: 40,
+        shards: 1,
+        seed: 5,
+        image_size: 48,
+        rows_per_group: 16,
+        prefix: "eval".into(),
+        difficulty: Difficulty::Standard,
+    };
+    let synth = write_synthetic(&opts).unwrap();
+    let shard = &synth.files[0];
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    for (chosen, name) in [(true, "chosen"), (false, "rejected")] {
+        let file = dir.join(format!("{name}.parquet"));
+        write_answers(&file, &answers_of(shard, chosen)).unwrap();
+        let out = dir.join(format!("{name}.json"));
+        let o = ddpo(&[
+            "evaluate",
+            "--data",
+            &s(shard),
+            "--responses",
+            &s(&file),
+            "--out",
+            &s(&out),
+        ]);
+        assert!(o.status.success(), "{}", text_of(&o));
+        let r = report(&out);
+        assert_eq!(r["answers"], 40);
+        if chosen {
+            assert_eq!(
+                (r["chair_s"].as_f64(), r["coverage"].as_f64()),
+                (Some(0.0), Some(1.0)),
+                "{r}"
+            );
+        } else {
+            // Every rejected answer holds 1-3 errors: all of them hallucinate, and the false claims are the
+            // synthetic edits, counted once each.
+            assert_eq!(r["chair_s"].as_f64(), Some(1.0), "{r}");
+            assert_eq!(r["false_claims"].as_u64(), Some(synth.edits as u64), "{r}");
+            let rates = r["false_rate"].as_object().unwrap();
+            assert!(rates.values().all(|v| v.as_f64().unwrap() > 0.0), "{r}");
+        }
+    }
+    // A model's own answers: generated greedily, scored, the report written next to them.
+    let model = dir.join("tiny");
+    ddpo::preset::init_model(&model, "tiny", 4).unwrap();
+    let out = dir.join("model/report.json");
+    let o = ddpo(&[
+        "evaluate",
+        "--data",
+        &s(shard),
+        "--model",
+        &s(&model),
+        "--out",
+        &s(&out),
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "12",
+    ]);
+    let text = text_of(&o);
+    assert!(o.status.success(), "{text}");
+    assert!(
+        text.contains("CHAIR_s") && dir.join("model/answers.parquet").exists(),
+        "{text}"
+    );
+    assert_eq!(report(&out)["answers"], 40);
+    // Data without scenes, and answers for ids the data does not have.
+    let plain = dir.join("plain.parquet");
+    crate::common::write_rlhfv(&plain, &[crate::common::good_row(0)], 1);
+    let o = ddpo(&[
+        "evaluate",
+        "--data",
+        &s(&plain),
+        "--responses",
+        &s(&dir.join("chosen.parquet")),
+    ]);
+    let text = text_of(&o);
+    assert!(
+        !o.status.success() && text.contains("plain.parquet") && text.contains("scene"),
+        "{text}"
+    );
+    let mut stray = answers_of(shard, true);
+    stray[3].id = "no-such-row".into();
+    let file = dir.join("stray.parquet");
+    write_answers(&file, &stray).unwrap();
+    let o = ddpo(&["evaluate", "--data", &s(shard), "--responses", &s(&file)]);
+    let text = text_of(&o);
+    assert!(
+        !o.status.success() && text.contains("\"no-such-row\""),
+        "{text}"
+    );
+}
