@@ -232,6 +232,9 @@ pub enum LossKind {
     Sigmoid,
     Ipo,
     Hinge,
+    /// Supervised fine-tuning: the mean negative log-likelihood of the chosen response's tokens (every token
+    /// weighs 1; no reference model, rejected responses unused). `ddpo sft` sets it.
+    Sft,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -592,6 +595,12 @@ impl Config {
     }
 
     /// Range and consistency checks; each message names the key.
+    /// Whether training reads reference log-probs from the cache (so they must be precomputed first): not for
+    /// SFT, which has no reference, nor for an online reference.
+    pub fn needs_reference_cache(&self) -> bool {
+        self.ddpo.loss != LossKind::Sft && self.reference.mode == ReferenceMode::Cached
+    }
+
     pub fn validate(&self) -> Vec<String> {
         let mut p = Problems::default();
         if self.lora.rank > 0 {

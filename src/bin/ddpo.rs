@@ -86,6 +86,17 @@ enum Cmd {
         #[arg(long)]
         max_steps: Option<usize>,
     },
+    /// Supervised fine-tuning on the chosen responses (mean token NLL; no reference model): `train` with
+    /// `ddpo.loss = "sft"`, the same distributed trainer, checkpoints, resume and metrics. RLHF-V starts DDPO
+    /// from an SFT model.
+    Sft {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long)]
+        max_steps: Option<usize>,
+    },
     /// Show a running job's status (from the coordinator's status endpoint).
     Status {
         /// Coordinator URL, e.g. http://127.0.0.1:50051
@@ -180,7 +191,12 @@ fn main() -> ExitCode {
             config,
             device,
             max_steps,
-        } => cmd_train(&config, &device, max_steps, log_format),
+        } => cmd_train(&config, &device, max_steps, log_format, false),
+        Cmd::Sft {
+            config,
+            device,
+            max_steps,
+        } => cmd_train(&config, &device, max_steps, log_format, true),
     };
     match result {
         Ok(code) => code,
@@ -366,8 +382,12 @@ fn cmd_train(
     device: &str,
     max_steps: Option<usize>,
     log_format: LogFormat,
+    sft: bool,
 ) -> Result<ExitCode> {
-    let cfg = load_config(path)?;
+    let mut cfg = load_config(path)?;
+    if sft {
+        cfg.ddpo.loss = ddpo::config::LossKind::Sft;
+    }
     let device = parse_device(device)?;
     let t = Instant::now();
     let progress_bar =

@@ -125,6 +125,10 @@ impl Job {
         if !cfg.data.eval.is_empty() {
             all.extend(discover("data.eval", &cfg.data.eval)?);
         }
+        // Nothing to precompute without a cached reference (SFT, online reference).
+        if !cfg.needs_reference_cache() {
+            all.clear();
+        }
         let saved: Option<Saved> = std::fs::read_to_string(state_path(&cfg))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());

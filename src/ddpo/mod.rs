@@ -48,6 +48,9 @@ pub fn pair_terms(
     batch: &Batch,
     cfg: &DdpoConfig,
 ) -> PairTerms {
+    if cfg.loss == LossKind::Sft {
+        return sft_terms(policy, batch);
+    }
     let w = batch.weights(cfg.gamma);
     let sp = scores(policy, &w, cfg.score);
     let sr = scores(reference, &w, cfg.score);
@@ -63,6 +66,7 @@ pub fn pair_terms(
         LossKind::Ipo => (&margin - 1.0 / (2.0 * beta)).square(),
         // Hinge (SLiC): max(0, 1 − β·Δ).
         LossKind::Hinge => (-(&margin * beta) + 1.0).relu(),
+        LossKind::Sft => unreachable!("handled above"),
     };
     if cfg.sft_weight > 0.0 {
         loss -= &pc * cfg.sft_weight;
@@ -71,6 +75,25 @@ pub fn pair_terms(
         reward_chosen: (&pc - &rc).detach() * beta,
         reward_rejected: (&pr - &rr).detach() * beta,
         loss,
+        policy_chosen: pc,
+        policy_rejected: pr,
+        ref_chosen: rc,
+        ref_rejected: rr,
+    }
+}
+
+/// SFT: the loss is each pair's mean token NLL of the chosen response (all response tokens weigh 1); the
+/// "reference" is the policy itself, detached, so rewards and margins are 0 and the log-prob metrics are the
+/// policy's.
+fn sft_terms(policy: &Tensor, batch: &Batch) -> PairTerms {
+    let s = scores(policy, &batch.weights(1.0), Score::Mean);
+    let b = batch.pairs as i64;
+    let (pc, pr) = (s.narrow(0, 0, b), s.narrow(0, b, b));
+    let (rc, rr) = (pc.detach(), pr.detach());
+    PairTerms {
+        loss: -&pc,
+        reward_chosen: rc.zeros_like(),
+        reward_rejected: rr.zeros_like(),
         policy_chosen: pc,
         policy_rejected: pr,
         ref_chosen: rc,
@@ -273,6 +296,30 @@ mod tests {
         let with_sft = pair_terms(&policy, &reference, &b, &sft);
         let want = -(1.0 / (1.0 + (-0.5 * margin).exp())).ln() - 0.25 * pc;
         assert!((with_sft.loss.double_value(&[0]) - want).abs() < 1e-6);
+    }
+
+    /// SFT: the loss is the chosen response's plain mean token NLL (γ does not weigh changed tokens), and the
+    /// reference given is ignored.
+    #[test]
+    fn sft_loss_is_the_chosen_mean_token_nll() {
+        let e = ex(
+            &[5, 6, 2],
+            &[5, 7, 2],
+            &[false, true, false],
+            &[false, true, false],
+            (vec![-1.0, -2.0, -0.5], vec![-1.0, -1.0, -0.5]),
+        );
+        let b = collate(&[e], 0, (2, 2), false);
+        let policy = b.ref_logps.as_ref().unwrap().shallow_clone();
+        let garbage = policy.ones_like() * 100.0;
+        let t = pair_terms(&policy, &garbage, &b, &cfg(Score::Sum, LossKind::Sft));
+        let want = (1.0 + 2.0 + 0.5) / 3.0;
+        assert!((t.loss.double_value(&[0]) - want).abs() < 1e-6);
+        assert_eq!(t.reward_chosen.double_value(&[0]), 0.0);
+        assert_eq!(
+            t.ref_chosen.double_value(&[0]),
+            t.policy_chosen.double_value(&[0])
+        );
     }
 
     #[test]

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use super::GenerateError;
-use crate::data::pipeline::Preprocessor;
+use crate::data::pipeline::{Preprocessor, RowReason};
 use crate::data::reader::ShardReader;
-use crate::data::shards;
+use crate::data::{shards, DataError, RowError};
 
 /// One prompt as given: an id, the question and the encoded image file.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,8 +27,27 @@ pub(super) struct Encoded {
 /// The prompts of a run.
 pub enum PromptSource {
     Shards(Vec<PathBuf>),
-    /// Parsed lines of a prompts file: where each came from (for errors), its id, question and image path.
-    File(Vec<(String, String, String, PathBuf)>),
+    /// Parsed lines of a prompts file.
+    File(Vec<FileLine>),
+}
+
+/// One prompt of a prompts file: the file and line (1-based) it came from, its id, question and image path.
+pub struct FileLine {
+    file: PathBuf,
+    line: u64,
+    id: String,
+    question: String,
+    image: PathBuf,
+}
+
+/// A prompt that could not be used (logged and counted; the run goes on).
+#[derive(Debug, thiserror::Error)]
+enum Skipped {
+    #[error(transparent)]
+    Row(#[from] RowError),
+    /// A whole shard (unreadable footer, unknown layout).
+    #[error(transparent)]
+    Shard(#[from] DataError),
 }
 
 #[derive(serde::Deserialize)]
@@ -60,13 +79,13 @@ impl PromptSource {
                 continue;
             }
             let l: Line = serde_json::from_str(raw).map_err(|e| err(i + 1, e.to_string()))?;
-            let where_ = format!("{}:{}", path.display(), i + 1);
-            out.push((
-                where_,
-                l.id.unwrap_or_else(|| i.to_string()),
-                l.question,
-                dir.join(l.image),
-            ));
+            out.push(FileLine {
+                file: path.to_owned(),
+                line: i as u64 + 1,
+                id: l.id.unwrap_or_else(|| i.to_string()),
+                question: l.question,
+                image: dir.join(l.image),
+            });
         }
         if out.is_empty() {
             return Err(err(0, "no prompts".into()));
@@ -99,7 +118,16 @@ impl Encoder<'_> {
         let mut batch = Vec::with_capacity(n);
         while batch.len() < n {
             let Some(item) = self.next_raw() else { break };
-            match item.and_then(|(p, at)| self.encode(p).map_err(|e| format!("{at}: {e}"))) {
+            let encoded = item.and_then(|(p, file, row)| {
+                self.encode(p).map_err(|e| {
+                    Skipped::Row(RowError {
+                        shard: file,
+                        row,
+                        reason: e.to_string(),
+                    })
+                })
+            });
+            match encoded {
                 Ok(e) => batch.push(e),
                 Err(why) => {
                     *skipped += 1;
@@ -110,64 +138,55 @@ impl Encoder<'_> {
         batch
     }
 
-    /// The next prompt with where it came from, or why it could not be read.
-    fn next_raw(&mut self) -> Option<Result<(Prompt, String), String>> {
+    /// The next prompt with the file and row it came from, or why it could not be read.
+    fn next_raw(&mut self) -> Option<Result<(Prompt, PathBuf, u64), Skipped>> {
         match self.source {
             PromptSource::File(lines) => {
-                let (at, id, question, image) = lines.get(self.next)?;
+                let l = lines.get(self.next)?;
                 self.next += 1;
-                Some(match std::fs::read(image) {
-                    Ok(bytes) => Ok((
-                        Prompt {
-                            id: id.clone(),
-                            question: question.clone(),
-                            image: bytes,
-                        },
-                        at.clone(),
-                    )),
-                    Err(e) => Err(format!("{at}: {}: {e}", image.display())),
+                Some(match std::fs::read(&l.image) {
+                    Ok(image) => {
+                        let (id, question) = (l.id.clone(), l.question.clone());
+                        let p = Prompt {
+                            id,
+                            question,
+                            image,
+                        };
+                        Ok((p, l.file.clone(), l.line))
+                    }
+                    Err(e) => Err(Skipped::Row(RowError {
+                        shard: l.file.clone(),
+                        row: l.line,
+                        reason: format!("image {}: {e}", l.image.display()),
+                    })),
                 })
             }
             PromptSource::Shards(files) => loop {
                 if let Some((path, reader)) = self.reader.as_mut() {
                     if let Some(row) = reader.next() {
-                        return Some(match row {
-                            Ok(r) => {
-                                let at = format!("{}: row {}", path.display(), r.row);
-                                Ok((
-                                    Prompt {
-                                        id: r.id,
-                                        question: r.question,
-                                        image: r.image,
-                                    },
-                                    at,
-                                ))
-                            }
-                            Err(e) => Err(e.to_string()),
-                        });
+                        return Some(row.map_err(Skipped::from).map(|r| {
+                            let p = Prompt {
+                                id: r.id,
+                                question: r.question,
+                                image: r.image,
+                            };
+                            (p, path.clone(), r.row)
+                        }));
                     }
                 }
                 let path = files.get(self.next)?.clone();
                 self.next += 1;
                 match ShardReader::open(&path, 64) {
                     Ok(r) => self.reader = Some((path, r)),
-                    Err(e) => return Some(Err(e.to_string())),
+                    Err(e) => return Some(Err(Skipped::from(e))),
                 }
             },
         }
     }
 
-    fn encode(&self, prompt: Prompt) -> Result<Encoded, String> {
-        let prompt_ids = self
-            .pre
-            .text
-            .encode_prompt(&prompt.question)
-            .map_err(|e| e.to_string())?;
-        let pixel_values = self
-            .pre
-            .image
-            .process_bytes(&prompt.image)
-            .map_err(|e| format!("image: {e}"))?;
+    fn encode(&self, prompt: Prompt) -> Result<Encoded, RowReason> {
+        let prompt_ids = self.pre.text.encode_prompt(&prompt.question)?;
+        let pixel_values = self.pre.image.process_bytes(&prompt.image)?;
         Ok(Encoded {
             prompt,
             prompt_ids,

@@ -13,7 +13,7 @@ use super::optim::{AdamW, AdamWConfig};
 use super::run::Run;
 use super::{lora, schedule, TrainError};
 use crate::collective::{Collective, BUCKET_BYTES};
-use crate::config::{Config, FreezeTarget, ReferenceMode};
+use crate::config::{Config, FreezeTarget, LossKind, ReferenceMode};
 use crate::data::pipeline::Preprocessor;
 use crate::data::shards;
 use crate::model::llava::Llava;
@@ -134,6 +134,12 @@ fn open_sources(
                 false => make(eval_shards.clone(), pre.clone()).map(Some),
             }
         };
+    if cfg.ddpo.loss == LossKind::Sft {
+        // SFT has no reference: the rows are read as in online mode, nothing is loaded or cached.
+        let t = PairSource::online(train_shards, pre.clone(), cfg.data.on_bad_row)?;
+        let e = eval_split(&|s, p| PairSource::online(s, p, cfg.data.on_bad_row))?;
+        return Ok((t, e, None));
+    }
     match cfg.reference.mode {
         ReferenceMode::Cached => {
             let cache = RefCache::open_for_device(cfg, device)?;

@@ -171,6 +171,7 @@ pub fn terms(
 ) -> ddpo::PairTerms {
     let policy = crate::logps::batch_logps(model, batch);
     let reference = match (&batch.ref_logps, reference) {
+        _ if cfg.loss == crate::config::LossKind::Sft => policy.detach(),
         (Some(r), _) => r.shallow_clone(),
         (None, Some(m)) => tch::no_grad(|| crate::logps::batch_logps(m, batch)),
         (None, None) => {

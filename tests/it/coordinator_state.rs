@@ -242,3 +242,22 @@ fn a_job_without_data_names_the_key() {
     assert_eq!(e.key, "data.eval");
     assert!(e.to_string().starts_with("data.eval: "), "{e}");
 }
+
+/// SFT and an online reference read no cache: the job goes straight to training, leasing no shard.
+#[test]
+fn nothing_is_precomputed_without_a_cached_reference() {
+    for case in ["sft", "online"] {
+        let (_dir, mut cfg) = setup(1);
+        assert!(cfg.needs_reference_cache());
+        match case {
+            "sft" => cfg.ddpo.loss = ddpo::config::LossKind::Sft,
+            _ => cfg.reference.mode = ddpo::config::ReferenceMode::Online,
+        }
+        assert!(!cfg.needs_reference_cache());
+        let mut job = Job::new(cfg.clone(), String::new()).unwrap();
+        let w = join(&mut job, &cfg, "a");
+        let t = job.next_task(&w, "10.0.0.1:9000").unwrap();
+        assert_eq!(kind(&t), "train", "{case}");
+        assert_eq!(train(t).world_size, 1);
+    }
+}

@@ -146,3 +146,86 @@ fn reference_answers_are_clean_corrupted_ones_are_caught_and_models_are_scored()
         "{text}"
     );
 }
+
+/// The RLHF-V loop in small: SFT of the tiny model from random weights, then DDPO on data whose corrections fix
+/// colours; on held-out scenes (a seed not trained on) the colour hallucination rate falls, while the model
+/// keeps describing (its coverage does not drop). The same steps as `make demo`, in one process.
+#[test]
+fn sft_then_ddpo_lowers_colour_hallucination_on_held_out_scenes() {
+    let _serial = crate::common::serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let synth = |out: &str, pairs, seed, prefix: &str| {
+        write_synthetic(&SynthOptions {
+            out_dir: d.join(out),
+            pairs,
+            shards: 1,
+            seed,
+            image_size: 48,
+            rows_per_group: 64,
+            prefix: prefix.into(),
+            difficulty: Difficulty::Easy,
+        })
+        .unwrap()
+    };
+    synth("data", 1024, 1, "train");
+    let held = synth("held", 256, 3, "held").files[0].clone();
+    ddpo::preset::init_model(&d.join("model"), "tiny", 0).unwrap();
+    let job = |name: &str, model: &Path, ddpo: &str, epochs: usize, lr: f64| {
+        let text = format!(
+            "[model]\npath = {model:?}\ndtype = \"fp32\"\n[data]\ntrain = [\"{d}/data/*.parquet\"]\n\
+             [ddpo]\n{ddpo}\n[reference]\ncache_dir = \"{d}/cache\"\n\
+             [train]\nepochs = {epochs}\nbatch_size = 16\nmicro_batch_size = 8\nlr = {lr}\nwarmup_ratio = 0.05\n\
+             seed = 0\noutput_dir = \"{d}/{name}\"\nlog_every = 64\n",
+            d = d.display()
+        );
+        let p = d.join(format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        let cfg = ddpo::config::Config::load_with_env(&p, &[]).unwrap();
+        let opts = ddpo::train::TrainOptions {
+            device: tch::Device::Cpu,
+            max_steps: None,
+            progress_bar: false,
+        };
+        ddpo::train::train(&cfg, &opts)
+            .unwrap()
+            .last_checkpoint
+            .unwrap()
+    };
+    let evaluate = |model: &Path, name: &str| {
+        let args = ddpo::evaluate::EvaluateArgs {
+            data: vec![held.display().to_string()],
+            model: Some(model.to_owned()),
+            responses: None,
+            answers: Some(d.join(format!("{name}.parquet"))),
+            out: None,
+            max_new_tokens: 48,
+            batch_size: 16,
+            device: "cpu".into(),
+            dtype: "fp32".into(),
+            template: "llava_v1".into(),
+        };
+        ddpo::evaluate::run_evaluate_command(&args).unwrap()
+    };
+    let sft = job("sft", &d.join("model"), "loss = \"sft\"", 10, 3e-3);
+    let before = evaluate(&sft, "before");
+    let dpo = job(
+        "dpo",
+        &sft,
+        "beta = 0.5\ngamma = 5.0\nsft_weight = 1.0",
+        2,
+        1e-3,
+    );
+    let after = evaluate(&dpo, "after");
+    let colour = |r: &ddpo::evaluate::Report| r.false_rate["colour"];
+    // SFT alone leaves colour errors to fix (about one claim in ten on this machine when measured).
+    assert!(colour(&before) > 0.05, "{before}");
+    assert!(
+        colour(&after) < 0.6 * colour(&before),
+        "before:\n{before}\nafter:\n{after}"
+    );
+    assert!(
+        after.coverage >= 0.9 * before.coverage,
+        "before:\n{before}\nafter:\n{after}"
+    );
+}

@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::common::{png, python};
 
-const MAX_NEW: usize = 10;
+const MAX_NEW: usize = 40;
 
 struct Prompts {
     ids: Vec<Vec<i64>>,
@@ -130,30 +130,79 @@ fn oracle(model: &Path, p: &Prompts, tmp: &Path) -> (Vec<Vec<i64>>, Vec<Vec<i64>
     (batched, single)
 }
 
-#[test]
-fn greedy_generation_equals_transformers_batched_and_alone() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("tiny");
-    ddpo::preset::init_model(&model, "tiny", 11).unwrap();
-    let (_vs, m) = Llava::load(&model, Device::Cpu, Kind::Float).unwrap();
-    let p = prompts(&model);
-    let (want_batched, want_single) = oracle(&model, &p, tmp.path());
+/// Our greedy answers equal transformers', batched and one prompt at a time, for the model in `model`.
+fn check_greedy(model: &Path, tmp: &Path, expect_eos: bool) {
+    let (_vs, m) = Llava::load(model, Device::Cpu, Kind::Float).unwrap();
+    let p = prompts(model);
+    let (want_batched, want_single) = oracle(model, &p, tmp);
     let ours: Vec<Vec<i64>> = m
         .generate(&p.ids, &p.pixels, &greedy(&p, 1))
         .into_iter()
         .map(|mut s| s.remove(0))
         .collect();
-    assert_eq!(ours, want_batched, "batched, left-padded prompts");
+    let name = model.display();
+    assert_eq!(ours, want_batched, "{name}: batched, left-padded prompts");
     for (i, want) in want_single.iter().enumerate() {
         let alone = m.generate(
             &p.ids[i..=i],
             &p.pixels.narrow(0, i as i64, 1),
             &greedy(&p, 1),
         );
-        assert_eq!(&alone[0][0], want, "prompt {i} alone");
+        assert_eq!(&alone[0][0], want, "{name}: prompt {i} alone");
     }
-    // The random tiny model must say something for the comparison to mean anything.
-    assert!(ours.iter().all(|a| a.len() >= 2), "{ours:?}");
+    // The model must say something for the comparison to mean anything.
+    assert!(ours.iter().all(|a| a.len() >= 2), "{name}: {ours:?}");
+    if expect_eos {
+        assert!(ours.iter().all(|a| a.last() == Some(&p.eos)), "{name}: {ours:?}");
+    }
+}
+
+/// Random tiny and small models, and a tiny model fine-tuned on synthetic descriptions (whose answers are
+/// sentences that end with EOS, so stopping is compared too).
+#[test]
+fn greedy_generation_equals_transformers_batched_and_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    for (preset, seed) in [("tiny", 11), ("small", 1)] {
+        let model = d.join(preset);
+        ddpo::preset::init_model(&model, preset, seed).unwrap();
+        check_greedy(&model, d, false);
+    }
+    check_greedy(&fine_tuned_tiny(d), d, true);
+}
+
+/// A tiny model after 96 SFT steps on easy synthetic scenes.
+fn fine_tuned_tiny(d: &Path) -> std::path::PathBuf {
+    use ddpo::data::synth::{write_synthetic, Difficulty, SynthOptions};
+    write_synthetic(&SynthOptions {
+        out_dir: d.join("data"),
+        pairs: 512,
+        shards: 1,
+        seed: 1,
+        image_size: 48,
+        rows_per_group: 64,
+        prefix: "train".into(),
+        difficulty: Difficulty::Easy,
+    })
+    .unwrap();
+    ddpo::preset::init_model(&d.join("base"), "tiny", 0).unwrap();
+    let text = format!(
+        "[model]\npath = \"{d}/base\"\n[data]\ntrain = [\"{d}/data/*.parquet\"]\n[ddpo]\nloss = \"sft\"\n\
+         [train]\nepochs = 3\nbatch_size = 16\nmicro_batch_size = 8\nlr = 3e-3\noutput_dir = \"{d}/sft\"\n",
+        d = d.display()
+    );
+    let p = d.join("sft.toml");
+    std::fs::write(&p, text).unwrap();
+    let cfg = ddpo::config::Config::load_with_env(&p, &[]).unwrap();
+    let opts = ddpo::train::TrainOptions {
+        device: Device::Cpu,
+        max_steps: None,
+        progress_bar: false,
+    };
+    ddpo::train::train(&cfg, &opts)
+        .unwrap()
+        .last_checkpoint
+        .unwrap()
 }
 
 #[test]

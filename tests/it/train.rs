@@ -668,3 +668,55 @@ fn first_step_loss_matches_the_independent_computation() {
         }
     }
 }
+
+/// SFT (`ddpo.loss = "sft"`): the first step's loss (all 6 pairs in one batch) is the mean over pairs of the
+/// chosen response's mean token NLL, computed from transformers' per-token log-probs in the fixture; no
+/// reference is loaded or cached; later steps lower it.
+#[test]
+fn sft_first_step_loss_is_the_chosen_nll_of_transformers() {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ddpo_loss");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx.join("expected.json")).unwrap()).unwrap();
+    let rows = expected["rows"].as_array().unwrap();
+    let nll: Vec<f64> = rows
+        .iter()
+        .map(|r| {
+            let lp: Vec<f64> = r["policy_chosen_logps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            -lp.iter().sum::<f64>() / lp.len() as f64
+        })
+        .collect();
+    let want = nll.iter().sum::<f64>() / nll.len() as f64;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sft");
+    let text = format!(
+        "[model]\npath = \"{f}/policy\"\n[reference]\ncache_dir = \"{c}/cache\"\n\
+         [data]\ntrain = [\"{f}/data/*.parquet\"]\nmax_length = 256\n[ddpo]\nloss = \"sft\"\ngamma = 5.0\n\
+         [train]\nbatch_size = 6\nmicro_batch_size = 3\nepochs = 4\nwarmup_ratio = 0.0\nlr = 1e-3\noutput_dir = \"{o}\"\n",
+        f = fx.display(),
+        c = dir.path().display(),
+        o = out.display()
+    );
+    let p = dir.path().join("sft.toml");
+    std::fs::write(&p, text).unwrap();
+    let cfg = Config::load_with_env(&p, &[]).unwrap();
+    train(&cfg, &cpu(None)).unwrap();
+    let m = metrics(&out);
+    let got = m[0]["loss"].as_f64().unwrap();
+    // Means of ~25 fp32 log-probs each: fp32's relative precision, on an O(1) loss (as the DDPO test above).
+    assert!(
+        (got - want).abs() < 1e-5 * want.max(1.0),
+        "ddpo {got} vs independent {want}"
+    );
+    assert_eq!(m[0]["rewards/margins"].as_f64(), Some(0.0));
+    let last = m.iter().rev().find_map(|r| r["loss"].as_f64()).unwrap();
+    assert!(last < got, "SFT did not lower the loss: {got} -> {last}");
+    assert!(
+        !dir.path().join("cache").exists(),
+        "SFT must not compute a reference cache"
+    );
+}
