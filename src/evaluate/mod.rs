@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::data::shards;
 use crate::data::synth::truth::{self, Score, KINDS};
-use crate::generate::{self, GenerateArgs};
+use crate::generate::{self, DecodeArgs, GenerateArgs};
 
 /// Why `ddpo evaluate` stopped.
 #[derive(Debug, thiserror::Error)]
@@ -49,16 +49,8 @@ pub struct EvaluateArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    #[arg(long, default_value_t = 96)]
-    pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 8)]
-    pub batch_size: usize,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
-    #[arg(long, default_value = "llava_v1")]
-    pub template: String,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
 }
 
 /// Rates over a set of answers.
@@ -147,16 +139,12 @@ pub fn run_evaluate_command(args: &EvaluateArgs) -> Result<Report, EvaluateError
                 prompts: None,
                 out: out.clone(),
                 samples: 1,
-                max_new_tokens: args.max_new_tokens,
                 temperature: 0.0,
                 top_p: 1.0,
                 top_k: 0,
                 seed: 0,
-                batch_size: args.batch_size,
-                device: args.device.clone(),
-                dtype: args.dtype.clone(),
-                template: args.template.clone(),
                 pad_to_square: false,
+                decode: args.decode.clone(),
             })?;
             tracing::info!("generated: {g}");
             out

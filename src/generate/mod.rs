@@ -61,8 +61,6 @@ pub struct GenerateArgs {
     /// Answers per prompt (their image and prompt are encoded once).
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
-    #[arg(long, default_value_t = 128)]
-    pub max_new_tokens: usize,
     /// 0 decodes greedily; above 0, samples from the softmax at this temperature.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
@@ -74,6 +72,18 @@ pub struct GenerateArgs {
     pub top_k: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Pad images to a square before the image processor (LLaVA-1.5's expand2square).
+    #[arg(long)]
+    pub pad_to_square: bool,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
+}
+
+/// Model loading and decoding flags shared by `ddpo generate` and `ddpo evaluate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DecodeArgs {
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
     /// Prompts per forward.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -86,9 +96,6 @@ pub struct GenerateArgs {
     /// Chat template: llava_v1 or llava_hf.
     #[arg(long, default_value = "llava_v1")]
     pub template: String,
-    /// Pad images to a square before the image processor (LLaVA-1.5's expand2square).
-    #[arg(long)]
-    pub pad_to_square: bool,
 }
 
 /// What a run did.
@@ -104,7 +111,7 @@ pub struct GenerateReport {
 impl GenerateArgs {
     fn options(&self, eos_id: i64, pad_id: i64) -> Result<GenerateOptions, GenerateError> {
         let usage = |m: String| Err(GenerateError::Usage(m));
-        if self.samples == 0 || self.batch_size == 0 || self.max_new_tokens == 0 {
+        if self.samples == 0 || self.decode.batch_size == 0 || self.decode.max_new_tokens == 0 {
             return usage("--samples, --batch-size and --max-new-tokens must be >= 1".into());
         }
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
@@ -123,7 +130,7 @@ impl GenerateArgs {
             }
         };
         Ok(GenerateOptions {
-            max_new_tokens: self.max_new_tokens,
+            max_new_tokens: self.decode.max_new_tokens,
             sampling,
             samples: self.samples,
             seed: self.seed,
@@ -133,7 +140,7 @@ impl GenerateArgs {
     }
 
     fn dtype(&self) -> Result<Dtype, GenerateError> {
-        match self.dtype.as_str() {
+        match self.decode.dtype.as_str() {
             "auto" => Ok(Dtype::Auto),
             "fp32" => Ok(Dtype::Fp32),
             "bf16" => Ok(Dtype::Bf16),
@@ -146,11 +153,12 @@ impl GenerateArgs {
 
 /// Runs `ddpo generate`: loads the model, answers every prompt, writes `args.out`.
 pub fn run_generate_command(args: &GenerateArgs) -> Result<GenerateReport, GenerateError> {
-    let device = parse_device(&args.device).map_err(|e| GenerateError::Usage(e.to_string()))?;
+    let device =
+        parse_device(&args.decode.device).map_err(|e| GenerateError::Usage(e.to_string()))?;
     let kind = args.dtype()?.weight_kind(device);
     let pre = Preprocessor::from_model_dir(
         &args.model,
-        &args.template,
+        &args.decode.template,
         usize::MAX / 2,
         args.pad_to_square,
         1,
@@ -173,7 +181,7 @@ pub fn run_generate_command(args: &GenerateArgs) -> Result<GenerateReport, Gener
     let mut last_log = Instant::now();
     let mut prompts = source.encoded(&pre);
     loop {
-        let batch = prompts.next_batch(args.batch_size, &mut report.skipped);
+        let batch = prompts.next_batch(args.decode.batch_size, &mut report.skipped);
         if batch.is_empty() {
             break;
         }

@@ -6,19 +6,7 @@ use std::process::{Command, Output};
 use crate::common::*;
 
 fn ddpo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddpo"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run ddpo")
-}
-
-fn text_of(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    ddpo_cmd(args)
 }
 
 fn s(p: &Path) -> &str {

@@ -201,3 +201,35 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 pub fn python() -> String {
     std::env::var("DDPO_PYTHON").unwrap_or_else(|_| "python3".into())
 }
+
+/// Runs the `ddpo` binary (without `RUST_LOG`) to completion.
+pub fn ddpo_cmd(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ddpo"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run ddpo")
+}
+
+/// A process's stdout and stderr, for assertions and failure messages.
+pub fn text_of(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Trains the job config at `cfg` in this process on the CPU; returns its last checkpoint.
+pub fn train_on_cpu(cfg: &Path) -> PathBuf {
+    let cfg = ddpo::config::Config::load_with_env(cfg, &[]).unwrap();
+    let opts = ddpo::train::TrainOptions {
+        device: tch::Device::Cpu,
+        max_steps: None,
+        progress_bar: false,
+    };
+    ddpo::train::train(&cfg, &opts)
+        .unwrap()
+        .last_checkpoint
+        .unwrap()
+}

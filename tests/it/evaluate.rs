@@ -3,27 +3,12 @@
 //! scored and the report written; data without scenes and answers for unknown ids are refused by name.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use ddpo::data::reader::ShardReader;
 use ddpo::data::synth::{write_synthetic, Difficulty, SynthOptions};
 use ddpo::generate::{write_answers, AnswerRow};
 
-fn ddpo(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ddpo"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run ddpo")
-}
-
-fn text_of(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use crate::common::{ddpo_cmd as ddpo, text_of, train_on_cpu};
 
 /// Answers made of each row's chosen (or rejected) text.
 fn answers_of(shard: &Path, chosen: bool) -> Vec<AnswerRow> {
@@ -181,16 +166,7 @@ fn sft_then_ddpo_lowers_colour_hallucination_on_held_out_scenes() {
         );
         let p = d.join(format!("{name}.toml"));
         std::fs::write(&p, text).unwrap();
-        let cfg = ddpo::config::Config::load_with_env(&p, &[]).unwrap();
-        let opts = ddpo::train::TrainOptions {
-            device: tch::Device::Cpu,
-            max_steps: None,
-            progress_bar: false,
-        };
-        ddpo::train::train(&cfg, &opts)
-            .unwrap()
-            .last_checkpoint
-            .unwrap()
+        train_on_cpu(&p)
     };
     let evaluate = |model: &Path, name: &str| {
         let args = ddpo::evaluate::EvaluateArgs {
@@ -199,11 +175,13 @@ fn sft_then_ddpo_lowers_colour_hallucination_on_held_out_scenes() {
             responses: None,
             answers: Some(d.join(format!("{name}.parquet"))),
             out: None,
-            max_new_tokens: 48,
-            batch_size: 16,
-            device: "cpu".into(),
-            dtype: "fp32".into(),
-            template: "llava_v1".into(),
+            decode: ddpo::generate::DecodeArgs {
+                max_new_tokens: 48,
+                batch_size: 16,
+                device: "cpu".into(),
+                dtype: "fp32".into(),
+                template: "llava_v1".into(),
+            },
         };
         ddpo::evaluate::run_evaluate_command(&args).unwrap()
     };

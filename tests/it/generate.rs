@@ -12,7 +12,7 @@ use ddpo::model::generate::{GenerateOptions, Sampling};
 use ddpo::model::llava::Llava;
 use tch::{Device, Kind, Tensor};
 
-use crate::common::{png, python};
+use crate::common::{ddpo_cmd as ddpo, png, python, text_of, train_on_cpu};
 
 const MAX_NEW: usize = 40;
 
@@ -153,7 +153,10 @@ fn check_greedy(model: &Path, tmp: &Path, expect_eos: bool) {
     // The model must say something for the comparison to mean anything.
     assert!(ours.iter().all(|a| a.len() >= 2), "{name}: {ours:?}");
     if expect_eos {
-        assert!(ours.iter().all(|a| a.last() == Some(&p.eos)), "{name}: {ours:?}");
+        assert!(
+            ours.iter().all(|a| a.last() == Some(&p.eos)),
+            "{name}: {ours:?}"
+        );
     }
 }
 
@@ -193,16 +196,7 @@ fn fine_tuned_tiny(d: &Path) -> std::path::PathBuf {
     );
     let p = d.join("sft.toml");
     std::fs::write(&p, text).unwrap();
-    let cfg = ddpo::config::Config::load_with_env(&p, &[]).unwrap();
-    let opts = ddpo::train::TrainOptions {
-        device: Device::Cpu,
-        max_steps: None,
-        progress_bar: false,
-    };
-    ddpo::train::train(&cfg, &opts)
-        .unwrap()
-        .last_checkpoint
-        .unwrap()
+    train_on_cpu(&p)
 }
 
 #[test]
@@ -236,22 +230,6 @@ fn samples_share_the_prefill_and_a_seed_repeats_itself() {
     assert_ne!(a, sampled(6), "another seed gives other answers");
     // A random model's distribution is broad: the four samples of a prompt are not all the same.
     assert!(a.iter().any(|k| k.iter().any(|s| s != &k[0])), "{a:?}");
-}
-
-fn ddpo(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ddpo"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run ddpo")
-}
-
-fn text_of(o: &std::process::Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// `ddpo generate` over a shard with one bad row: every good prompt answered K times into one complete file,
