@@ -55,7 +55,10 @@ echo "final status:"
 echo "$last"
 echo "final metrics ($DEMO/run/metrics.jsonl):"
 grep '"eval/loss"' "$DEMO/run/metrics.jsonl" | tail -n 1
-grep '"grad_norm"' "$DEMO/run/metrics.jsonl" | tail -n 1
+echo "false colour claims on 32 eval prompts during training (eval/hallucination/false_colour):"
+awk 'match($0, /"eval\/hallucination\/false_colour":[0-9.e-]+/) {
+        c = substr($0, RSTART + 34, RLENGTH - 34); match($0, /"step":[0-9]+/)
+        printf "  step %s: %.3f\n", substr($0, RSTART + 7, RLENGTH - 7), c }' "$DEMO/run/metrics.jsonl"
 if [[ $status -ne 0 ]]; then
     echo "the job failed (exit $status); see $DEMO/job.log" >&2
     exit "$status"

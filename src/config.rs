@@ -310,6 +310,13 @@ pub struct TrainConfig {
     /// Optimizer steps between evaluations; 0 = only at the end of each epoch.
     #[serde(default)]
     pub eval_every: usize,
+    /// At each evaluation, answer this many eval prompts greedily and score the answers against their scenes
+    /// (`eval/hallucination/*`; synthetic eval data only, it carries the scenes); 0 = off.
+    #[serde(default)]
+    pub eval_generate: usize,
+    /// Longest answer of that evaluation, in tokens.
+    #[serde(default = "defaults::eval_generate_max_new_tokens")]
+    pub eval_generate_max_new_tokens: usize,
     #[serde(default = "defaults::log_every")]
     pub log_every: usize,
     /// Run each pair as one sequence `[image + prompt | chosen | rejected]` (prefix encoded once, responses
@@ -345,6 +352,8 @@ impl Default for TrainConfig {
             save_every: 0,
             keep_last: defaults::keep_last(),
             eval_every: 0,
+            eval_generate: 0,
+            eval_generate_max_new_tokens: defaults::eval_generate_max_new_tokens(),
             log_every: defaults::log_every(),
             shared_prefix: defaults::shared_prefix(),
             zero_stage: 0,
@@ -447,6 +456,9 @@ mod defaults {
     }
     pub fn keep_last() -> usize {
         2
+    }
+    pub fn eval_generate_max_new_tokens() -> usize {
+        64
     }
     pub fn log_every() -> usize {
         1
@@ -715,6 +727,10 @@ fn check_ddpo(d: &DdpoConfig, p: &mut Problems) {
 /// `[train]` on its own (the batch arithmetic with the world size is in [`check_cluster`]).
 fn check_train(t: &TrainConfig, p: &mut Problems) {
     p.check(t.epochs >= 1, "train.epochs = 0: must be >= 1".into());
+    p.check(
+        t.eval_generate == 0 || t.eval_generate_max_new_tokens >= 1,
+        "train.eval_generate_max_new_tokens = 0: must be >= 1".into(),
+    );
     p.check(
         t.batch_size >= 1,
         "train.batch_size = 0: must be >= 1".into(),

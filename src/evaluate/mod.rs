@@ -7,10 +7,8 @@
 
 use std::path::PathBuf;
 
-use serde::Serialize;
-
 use crate::data::shards;
-use crate::data::synth::truth::{self, Score, KINDS};
+use crate::data::synth::truth::{self, Rates, Totals};
 use crate::generate::{self, DecodeArgs, GenerateArgs};
 
 /// Why `ddpo evaluate` stopped.
@@ -53,70 +51,8 @@ pub struct EvaluateArgs {
     pub decode: DecodeArgs,
 }
 
-/// Rates over a set of answers.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Report {
-    pub answers: usize,
-    /// Share of answers with at least one false claim.
-    pub chair_s: f64,
-    /// False claims / claims.
-    pub chair_i: f64,
-    /// Per kind (`object`, `colour`, `count`, `position`): false claims / claims of that kind.
-    pub false_rate: std::collections::BTreeMap<String, f64>,
-    pub claims: u64,
-    pub false_claims: u64,
-    /// Scene groups mentioned with the right shape and colour / all scene groups.
-    pub coverage: f64,
-}
-
-impl Report {
-    /// Aggregates per-answer scores.
-    pub fn of(scores: &[Score]) -> Self {
-        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
-        let sum = |f: &dyn Fn(&Score) -> u64| scores.iter().map(f).sum::<u64>();
-        let claims = sum(&|s| s.claims.iter().map(|&c| u64::from(c)).sum());
-        let false_claims = sum(&|s| u64::from(s.total_false()));
-        let false_rate = KINDS
-            .iter()
-            .enumerate()
-            .map(|(k, name)| {
-                let f = sum(&|s| u64::from(s.false_claims[k]));
-                (name.to_string(), ratio(f, sum(&|s| u64::from(s.claims[k]))))
-            })
-            .collect();
-        Self {
-            answers: scores.len(),
-            chair_s: ratio(
-                sum(&|s| u64::from(s.total_false() > 0)),
-                scores.len() as u64,
-            ),
-            chair_i: ratio(false_claims, claims),
-            false_rate,
-            claims,
-            false_claims,
-            coverage: ratio(
-                sum(&|s| u64::from(s.covered)),
-                sum(&|s| u64::from(s.groups)),
-            ),
-        }
-    }
-}
-
-impl std::fmt::Display for Report {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "answers            {}", self.answers)?;
-        writeln!(f, "CHAIR_s (answers)  {:.4}", self.chair_s)?;
-        writeln!(
-            f,
-            "CHAIR_i (claims)   {:.4}  ({} of {})",
-            self.chair_i, self.false_claims, self.claims
-        )?;
-        for (k, v) in &self.false_rate {
-            writeln!(f, "  false {k:<10} {v:.4}")?;
-        }
-        write!(f, "coverage           {:.4}", self.coverage)
-    }
-}
+/// The report: rates over the answers.
+pub type Report = Rates;
 
 /// Runs `ddpo evaluate`: answers (generated or given) scored against the scenes of `args.data`.
 pub fn run_evaluate_command(args: &EvaluateArgs) -> Result<Report, EvaluateError> {
@@ -152,15 +88,15 @@ pub fn run_evaluate_command(args: &EvaluateArgs) -> Result<Report, EvaluateError
         (None, None) => unreachable!("clap requires --model or --responses"),
     };
     let answers = generate::read_answers(&answers_file)?;
-    let mut scores = Vec::with_capacity(answers.len());
+    let mut totals = Totals::default();
     for a in &answers {
         let scene = scenes.get(&a.id).ok_or_else(|| EvaluateError::UnknownId {
             path: answers_file.clone(),
             id: a.id.clone(),
         })?;
-        scores.push(truth::score(&a.response, scene));
+        totals.add(&truth::score(&a.response, scene));
     }
-    let report = Report::of(&scores);
+    let report = totals.rates();
     if let Some(out) = &args.out {
         let json = serde_json::to_vec_pretty(&report).expect("a report serialises");
         crate::util::fsx::write_atomic(out, &json).map_err(|source| EvaluateError::Io {

@@ -120,6 +120,10 @@ impl PairSource {
         &self.rows
     }
 
+    pub fn shards(&self) -> &[PathBuf] {
+        &self.shards
+    }
+
     pub fn preprocessor(&self) -> &Preprocessor {
         &self.pre
     }

@@ -1,4 +1,5 @@
-//! Held-out evaluation: the DDPO terms of every eval pair under no_grad, each rank its share, summed over ranks.
+//! Held-out evaluation: the DDPO terms of every eval pair under no_grad, each rank its share, summed over ranks;
+//! with `train.eval_generate`, also the model's own greedy answers to eval prompts scored against their scenes.
 
 use super::data::RowRef;
 use super::run::Run;
@@ -6,7 +7,9 @@ use super::step::terms;
 use super::TrainError;
 use crate::data::collate::{collate, Batch};
 use crate::data::pipeline::Example;
+use crate::data::synth::truth::{self, Totals};
 use crate::ddpo::MetricSums;
+use crate::model::generate::{GenerateOptions, Sampling};
 
 impl Run<'_> {
     /// The eval split's metric sums over all ranks, or `None` without an eval split.
@@ -42,5 +45,73 @@ impl Run<'_> {
             self.cfg.train.shared_prefix,
         )
         .to_device(self.device)
+    }
+
+    /// `eval/hallucination/*`: the first `train.eval_generate` eval prompts answered greedily (each rank its
+    /// share), each answer scored against its scene, the totals summed over ranks. `None` when off.
+    pub fn hallucination(&mut self) -> Result<Option<Vec<(String, f64)>>, TrainError> {
+        let (Some(eval), true) = (self.eval.as_ref(), self.scenes.is_some()) else {
+            return Ok(None);
+        };
+        let n = self.cfg.train.eval_generate.min(eval.rows().len());
+        let all: Vec<RowRef> = eval.rows()[..n].to_vec();
+        let mut totals = Totals::default();
+        for micro in self
+            .my_share(&all)
+            .chunks(self.cfg.train.micro_batch_size.max(1))
+        {
+            let exs = self.eval_examples(micro)?;
+            for (ex, answer) in exs.iter().zip(self.answer(&exs)) {
+                let scene = self.scenes.as_ref().and_then(|s| s.get(&ex.id));
+                let scene = scene.ok_or_else(|| {
+                    TrainError::Setup(format!("eval row id {:?} has no scene", ex.id))
+                })?;
+                totals.add(&truth::score(&answer, scene));
+            }
+        }
+        let mut v = totals.to_vec();
+        self.comm.all_reduce_sum_f64(&mut v)?;
+        Ok(Some(
+            Totals::from_slice(&v).rates().named("eval/hallucination/"),
+        ))
+    }
+
+    /// Greedy answers (text) of examples' prompts.
+    fn answer(&self, exs: &[Example]) -> Vec<String> {
+        let pre = self.eval.as_ref().expect("eval split").preprocessor();
+        let (h, w) = pre.image_hw();
+        let pixels: Vec<tch::Tensor> = exs
+            .iter()
+            .map(|e| tch::Tensor::from_slice(&e.pixel_values))
+            .collect();
+        let pixels = tch::Tensor::stack(&pixels, 0)
+            .view([exs.len() as i64, 3, h as i64, w as i64])
+            .to_device(self.device);
+        let ids: Vec<Vec<i64>> = exs
+            .iter()
+            .map(|e| e.prompt_ids.iter().map(|&t| i64::from(t)).collect())
+            .collect();
+        let eos = i64::from(pre.text.eos_id());
+        let opts = GenerateOptions {
+            max_new_tokens: self.cfg.train.eval_generate_max_new_tokens,
+            sampling: Sampling::Greedy,
+            samples: 1,
+            seed: 0,
+            eos_id: eos,
+            pad_id: i64::from(pre.pad_id()),
+        };
+        self.model
+            .generate(&ids, &pixels, &opts)
+            .into_iter()
+            .map(|mut samples| {
+                let ids: Vec<u32> = samples
+                    .remove(0)
+                    .into_iter()
+                    .filter(|&t| t != eos)
+                    .map(|t| t as u32)
+                    .collect();
+                pre.text.tokenizer().decode(&ids, true).unwrap_or_default()
+            })
+            .collect()
     }
 }

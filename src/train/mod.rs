@@ -331,7 +331,15 @@ impl Run<'_> {
         let Some(sums) = (if due { self.evaluate()? } else { None }) else {
             return Ok(());
         };
-        let named = sums.named("eval/");
+        let mut named = sums.named("eval/");
+        if let Some(rates) = self.hallucination()? {
+            tracing::info!(
+                "eval at step {done}: hallucination chair_s {:.3} chair_i {:.3}",
+                get(&rates, "eval/hallucination/chair_s"),
+                get(&rates, "eval/hallucination/chair_i")
+            );
+            named.extend(rates);
+        }
         let epoch = done as f64 / plan.steps_per_epoch as f64;
         self.write_metrics(&metrics_row(done, epoch, &named, &[]))?;
         hooks.on_step(done, plan.total_steps, &named);

@@ -1,7 +1,7 @@
 //! [`Run`]: what one rank holds while it trains, and the small operations on it that every phase uses
 //! (its share of a list, metric reduction, the replica check, metrics rows, checkpoints).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -13,6 +13,7 @@ use super::optim::AdamW;
 use super::TrainError;
 use crate::collective::Collective;
 use crate::config::Config;
+use crate::data::synth::truth::SceneGroup;
 use crate::ddpo::MetricSums;
 use crate::model::llava::Llava;
 
@@ -27,6 +28,8 @@ pub(super) struct Run<'a> {
     pub reference: Option<(nn::VarStore, Llava)>,
     pub opt: AdamW,
     pub eval: Option<PairSource>,
+    /// The eval split's scenes, by row id, when `train.eval_generate` > 0.
+    pub scenes: Option<HashMap<String, Vec<SceneGroup>>>,
     /// Zero gradients standing in, in the gradient exchange, for parameters that receive none (the vision
     /// layers after the feature layer), so every rank's buckets have the same layout.
     pub zero_grads: BTreeMap<String, Tensor>,

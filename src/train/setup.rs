@@ -2,7 +2,7 @@
 //! model), the step plan, the newest checkpoint to resume from, the policy (LoRA adapters attached), the
 //! optimizer (ZeRO-sharded or not), the trainer state and the metrics file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use tch::{nn, Device, Kind, Tensor};
@@ -16,6 +16,7 @@ use crate::collective::{Collective, BUCKET_BYTES};
 use crate::config::{Config, FreezeTarget, LossKind, ReferenceMode};
 use crate::data::pipeline::Preprocessor;
 use crate::data::shards;
+use crate::data::synth::truth::SceneGroup;
 use crate::model::llava::Llava;
 use crate::refcache::{self, RefCache};
 
@@ -97,6 +98,7 @@ pub(super) fn prepare<'a>(
         lora,
         reference,
         opt,
+        scenes: eval_scenes(cfg, eval.as_ref())?,
         eval,
         zero_grads: BTreeMap::new(),
         gradient_bytes_at_update: 0,
@@ -111,6 +113,23 @@ pub(super) fn prepare<'a>(
         resumed,
         reference_loaded,
     })
+}
+
+/// The eval split's scenes for `train.eval_generate`: an error at set-up (naming the file) when the eval data
+/// carries none, rather than at the first evaluation.
+fn eval_scenes(
+    cfg: &Config,
+    eval: Option<&PairSource>,
+) -> Result<Option<HashMap<String, Vec<SceneGroup>>>, TrainError> {
+    if cfg.train.eval_generate == 0 {
+        return Ok(None);
+    }
+    let Some(eval) = eval else {
+        return Err(TrainError::Setup(
+            "train.eval_generate needs an eval split (data.eval)".into(),
+        ));
+    };
+    Ok(Some(crate::data::synth::truth::read_scenes(eval.shards())?))
 }
 
 /// The reference: the cache (computed first in one process if anything is missing), or a frozen second model.

@@ -63,6 +63,129 @@ impl Score {
     }
 }
 
+/// Sums of scores over answers; summable across ranks (`to_vec`/`from_slice`), turned into rates by
+/// [`Totals::rates`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub answers: u64,
+    /// Answers with at least one false claim.
+    pub flawed: u64,
+    pub claims: [u64; 4],
+    pub false_claims: [u64; 4],
+    pub covered: u64,
+    pub groups: u64,
+}
+
+/// Rates over a set of answers (what `ddpo evaluate` reports and training logs as `eval/hallucination/*`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rates {
+    pub answers: u64,
+    /// Share of answers with at least one false claim (CHAIR_s-like).
+    pub chair_s: f64,
+    /// False claims / claims (CHAIR_i-like).
+    pub chair_i: f64,
+    /// Per kind (`KINDS`): false claims / claims of that kind.
+    pub false_rate: std::collections::BTreeMap<String, f64>,
+    pub claims: u64,
+    pub false_claims: u64,
+    /// Scene groups mentioned with the right shape and colour / all scene groups.
+    pub coverage: f64,
+}
+
+impl Totals {
+    pub fn add(&mut self, s: &Score) {
+        self.answers += 1;
+        self.flawed += u64::from(s.total_false() > 0);
+        for k in 0..4 {
+            self.claims[k] += u64::from(s.claims[k]);
+            self.false_claims[k] += u64::from(s.false_claims[k]);
+        }
+        self.covered += u64::from(s.covered);
+        self.groups += u64::from(s.groups);
+    }
+
+    pub fn to_vec(&self) -> Vec<f64> {
+        let mut v = vec![self.answers as f64, self.flawed as f64];
+        v.extend(
+            self.claims
+                .iter()
+                .chain(&self.false_claims)
+                .map(|&x| x as f64),
+        );
+        v.extend([self.covered as f64, self.groups as f64]);
+        v
+    }
+
+    /// The inverse of [`Totals::to_vec`] (after a sum over ranks).
+    pub fn from_slice(v: &[f64]) -> Self {
+        let n = |i: usize| v[i].round() as u64;
+        Self {
+            answers: n(0),
+            flawed: n(1),
+            claims: [n(2), n(3), n(4), n(5)],
+            false_claims: [n(6), n(7), n(8), n(9)],
+            covered: n(10),
+            groups: n(11),
+        }
+    }
+
+    pub fn rates(&self) -> Rates {
+        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        let (claims, false_claims) = (self.claims.iter().sum(), self.false_claims.iter().sum());
+        Rates {
+            answers: self.answers,
+            chair_s: ratio(self.flawed, self.answers),
+            chair_i: ratio(false_claims, claims),
+            false_rate: KINDS
+                .iter()
+                .enumerate()
+                .map(|(k, name)| {
+                    (
+                        name.to_string(),
+                        ratio(self.false_claims[k], self.claims[k]),
+                    )
+                })
+                .collect(),
+            claims,
+            false_claims,
+            coverage: ratio(self.covered, self.groups),
+        }
+    }
+}
+
+impl Rates {
+    /// As metrics: `<prefix>chair_s`, `<prefix>chair_i`, `<prefix>false_<kind>`, `<prefix>coverage`.
+    pub fn named(&self, prefix: &str) -> Vec<(String, f64)> {
+        let mut v = vec![
+            (format!("{prefix}chair_s"), self.chair_s),
+            (format!("{prefix}chair_i"), self.chair_i),
+        ];
+        v.extend(
+            self.false_rate
+                .iter()
+                .map(|(k, r)| (format!("{prefix}false_{k}"), *r)),
+        );
+        v.push((format!("{prefix}coverage"), self.coverage));
+        v
+    }
+}
+
+impl std::fmt::Display for Rates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "answers            {}", self.answers)?;
+        writeln!(f, "CHAIR_s (answers)  {:.4}", self.chair_s)?;
+        writeln!(
+            f,
+            "CHAIR_i (claims)   {:.4}  ({} of {})",
+            self.chair_i, self.false_claims, self.claims
+        )?;
+        for (k, v) in &self.false_rate {
+            writeln!(f, "  false {k:<10} {v:.4}")?;
+        }
+        write!(f, "coverage           {:.4}", self.coverage)
+    }
+}
+
 /// A shape mentioned in a response with the attributes its sentence gives it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Mention {
@@ -290,6 +413,28 @@ mod tests {
                 assert_eq!(bad.claims, good.claims);
             }
         }
+    }
+
+    #[test]
+    fn totals_survive_a_sum_over_ranks_and_give_rates() {
+        let sc = scene(7, 3, Difficulty::Standard);
+        let row = generate_row(7, 3, 32, Difficulty::Standard).unwrap();
+        let (mut a, mut b) = (Totals::default(), Totals::default());
+        a.add(&score(&row.chosen, &sc));
+        b.add(&score(&row.rejected, &sc));
+        let summed: Vec<f64> = a
+            .to_vec()
+            .iter()
+            .zip(b.to_vec())
+            .map(|(x, y)| x + y)
+            .collect();
+        let mut both = a.clone();
+        both.add(&score(&row.rejected, &sc));
+        assert_eq!(Totals::from_slice(&summed), both);
+        let r = both.rates();
+        assert_eq!((r.answers, r.chair_s), (2, 0.5));
+        assert_eq!(r.false_claims, row.edits.len() as u64);
+        assert_eq!(r.named("eval/hallucination/").len(), 7);
     }
 
     #[test]
