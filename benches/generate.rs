@@ -90,6 +90,7 @@ fn main() {
             seed: 0,
             eos_id: -1,
             pad_id: 0,
+            first_index: 0,
         };
         let px = pixels.narrow(0, 0, b as i64);
         let run = || model.generate(&prompts[..b], &px, &opts);

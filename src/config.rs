@@ -46,6 +46,55 @@ pub struct Config {
     pub cluster: ClusterConfig,
     #[serde(default)]
     pub lora: LoraConfig,
+    #[serde(default)]
+    pub generate: GenerateConfig,
+}
+
+/// A generation job (`generate.prompts` non-empty): the coordinator leases the prompt shards to workers, each
+/// answers its shard with the model at `model.path` into `<out_dir>/<shard stem>.answers.parquet` (the format of
+/// `ddpo generate`), and the job ends; nothing is trained.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateConfig {
+    /// Prompt shards (RLHF-V / RLAIF-V layouts): paths or globs.
+    #[serde(default)]
+    pub prompts: Vec<String>,
+    #[serde(default = "defaults::generate_out_dir")]
+    pub out_dir: PathBuf,
+    /// Answers per prompt.
+    #[serde(default = "defaults::one")]
+    pub samples: usize,
+    #[serde(default = "defaults::generate_max_new_tokens")]
+    pub max_new_tokens: usize,
+    /// 0 decodes greedily.
+    #[serde(default)]
+    pub temperature: f64,
+    #[serde(default = "defaults::top_p")]
+    pub top_p: f64,
+    /// 0 = no top-k limit.
+    #[serde(default)]
+    pub top_k: usize,
+    #[serde(default)]
+    pub seed: u64,
+    /// Prompts per forward.
+    #[serde(default = "defaults::generate_batch_size")]
+    pub batch_size: usize,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        Self {
+            prompts: Vec::new(),
+            out_dir: defaults::generate_out_dir(),
+            samples: 1,
+            max_new_tokens: defaults::generate_max_new_tokens(),
+            temperature: 0.0,
+            top_p: defaults::top_p(),
+            top_k: 0,
+            seed: 0,
+            batch_size: defaults::generate_batch_size(),
+        }
+    }
 }
 
 /// LoRA adapters on the language model's projections (`rank` 0 = off, full fine-tuning). With LoRA only the
@@ -197,7 +246,8 @@ pub enum OnBadRow {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Training shards: paths or globs.
+    /// Training shards: paths or globs (required unless the job generates: `generate.prompts`).
+    #[serde(default)]
     pub train: Vec<String>,
     /// Held-out shards: paths or globs.
     #[serde(default)]
@@ -457,6 +507,21 @@ mod defaults {
     pub fn keep_last() -> usize {
         2
     }
+    pub fn generate_out_dir() -> PathBuf {
+        PathBuf::from("runs/answers")
+    }
+    pub fn one() -> usize {
+        1
+    }
+    pub fn generate_max_new_tokens() -> usize {
+        128
+    }
+    pub fn top_p() -> f64 {
+        1.0
+    }
+    pub fn generate_batch_size() -> usize {
+        8
+    }
     pub fn eval_generate_max_new_tokens() -> usize {
         64
     }
@@ -606,13 +671,18 @@ impl Config {
         }
     }
 
-    /// Range and consistency checks; each message names the key.
+    /// A generation job (`generate.prompts` set): answers, no training.
+    pub fn is_generation_job(&self) -> bool {
+        !self.generate.prompts.is_empty()
+    }
+
     /// Whether training reads reference log-probs from the cache (so they must be precomputed first): not for
     /// SFT, which has no reference, nor for an online reference.
     pub fn needs_reference_cache(&self) -> bool {
         self.ddpo.loss != LossKind::Sft && self.reference.mode == ReferenceMode::Cached
     }
 
+    /// Range and consistency checks; each message names the key.
     pub fn validate(&self) -> Vec<String> {
         let mut p = Problems::default();
         if self.lora.rank > 0 {
@@ -622,6 +692,14 @@ impl Config {
         check_train(&self.train, &mut p);
         check_cluster(&self.cluster, &self.train, &mut p);
         check_data(&self.data, &mut p);
+        if self.is_generation_job() {
+            check_generate(&self.generate, &mut p);
+        } else {
+            p.check(
+                !self.data.train.is_empty(),
+                "data.train is empty: list at least one parquet path or glob".into(),
+            );
+        }
         p.check(
             !self.model.path.as_os_str().is_empty(),
             "model.path is empty".into(),
@@ -822,11 +900,28 @@ fn check_cluster(c: &ClusterConfig, t: &TrainConfig, p: &mut Problems) {
 }
 
 /// `[data]`.
-fn check_data(dc: &DataConfig, p: &mut Problems) {
+/// `[generate]` of a generation job.
+fn check_generate(g: &GenerateConfig, p: &mut Problems) {
+    p.check(g.samples >= 1, "generate.samples = 0: must be >= 1".into());
     p.check(
-        !dc.train.is_empty(),
-        "data.train is empty: list at least one parquet path or glob".into(),
+        g.max_new_tokens >= 1,
+        "generate.max_new_tokens = 0: must be >= 1".into(),
     );
+    p.check(
+        g.batch_size >= 1,
+        "generate.batch_size = 0: must be >= 1".into(),
+    );
+    p.check(
+        g.temperature.is_finite() && g.temperature >= 0.0,
+        format!("generate.temperature = {}: must be >= 0", g.temperature),
+    );
+    p.check(
+        g.top_p > 0.0 && g.top_p <= 1.0,
+        format!("generate.top_p = {}: must be in (0, 1]", g.top_p),
+    );
+}
+
+fn check_data(dc: &DataConfig, p: &mut Problems) {
     p.check(
         dc.max_length >= 8,
         format!("data.max_length = {}: must be >= 8", dc.max_length),
@@ -862,6 +957,7 @@ fn known_keys() -> serde_json::Value {
         train: TrainConfig::default(),
         cluster: ClusterConfig::default(),
         lora: LoraConfig::default(),
+        generate: GenerateConfig::default(),
     };
     serde_json::to_value(example).expect("config serialises")
 }

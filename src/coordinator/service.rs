@@ -186,6 +186,7 @@ fn worker_state(s: pb::WorkerState) -> Result<WorkerState, Status> {
         pb::WorkerState::Unspecified | pb::WorkerState::Idle => WorkerState::Idle,
         pb::WorkerState::Waiting => WorkerState::Waiting,
         pb::WorkerState::Precomputing => WorkerState::Precomputing,
+        pb::WorkerState::Generating => WorkerState::Generating,
         pb::WorkerState::Training => WorkerState::Training,
         pb::WorkerState::Exited => WorkerState::Exited,
         other => {
@@ -204,6 +205,7 @@ fn wire_worker_state(s: WorkerState) -> pb::WorkerState {
         WorkerState::Idle => pb::WorkerState::Idle,
         WorkerState::Waiting => pb::WorkerState::Waiting,
         WorkerState::Precomputing => pb::WorkerState::Precomputing,
+        WorkerState::Generating => pb::WorkerState::Generating,
         WorkerState::Training => pb::WorkerState::Training,
         WorkerState::Exited => pb::WorkerState::Exited,
         WorkerState::Dead => pb::WorkerState::Dead,
@@ -214,6 +216,7 @@ fn wire_phase(p: Phase) -> pb::Phase {
     match p {
         Phase::Waiting => pb::Phase::Waiting,
         Phase::Precompute => pb::Phase::Precompute,
+        Phase::Generating => pb::Phase::Generating,
         Phase::Training => pb::Phase::Training,
         Phase::Done => pb::Phase::Done,
         Phase::Failed => pb::Phase::Failed,
@@ -225,6 +228,9 @@ fn wire_task(t: Task) -> pb::Task {
     let kind = match t {
         Task::Wait { millis, reason } => Kind::Wait(pb::Wait { millis, reason }),
         Task::Precompute { shard } => Kind::Precompute(pb::Precompute {
+            shard_path: shard.display().to_string(),
+        }),
+        Task::Generate { shard } => Kind::Generate(pb::Generate {
             shard_path: shard.display().to_string(),
         }),
         Task::Exit { reason, success } => Kind::Exit(pb::Exit { reason, success }),

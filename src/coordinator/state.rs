@@ -26,6 +26,8 @@ const KEEP_ERRORS: usize = 20;
 pub enum Phase {
     Waiting,
     Precompute,
+    /// A generation job: prompt shards leased to workers, then done.
+    Generating,
     Training,
     Done,
     Failed,
@@ -36,6 +38,7 @@ impl Phase {
         match self {
             Phase::Waiting => "waiting",
             Phase::Precompute => "precompute",
+            Phase::Generating => "generating",
             Phase::Training => "training",
             Phase::Done => "done",
             Phase::Failed => "failed",
@@ -121,14 +124,20 @@ impl Job {
         let discover = |key, patterns: &[String]| {
             shards::discover(patterns).map_err(|source| JobSetupError { key, source })
         };
-        let mut all = discover("data.train", &cfg.data.train)?;
-        if !cfg.data.eval.is_empty() {
-            all.extend(discover("data.eval", &cfg.data.eval)?);
-        }
-        // Nothing to precompute without a cached reference (SFT, online reference).
-        if !cfg.needs_reference_cache() {
-            all.clear();
-        }
+        let all = if cfg.is_generation_job() {
+            discover("generate.prompts", &cfg.generate.prompts)?
+        } else if cfg.needs_reference_cache() {
+            let mut all = discover("data.train", &cfg.data.train)?;
+            if !cfg.data.eval.is_empty() {
+                all.extend(discover("data.eval", &cfg.data.eval)?);
+            }
+            all
+        } else {
+            // Nothing to precompute without a cached reference (SFT, online reference); the data is still
+            // checked here.
+            discover("data.train", &cfg.data.train)?;
+            Vec::new()
+        };
         let saved: Option<Saved> = std::fs::read_to_string(state_path(&cfg))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok());
@@ -384,6 +393,10 @@ impl Job {
         if let Some(task) = self.precompute_task(id) {
             return Ok(task);
         }
+        if self.phase == Phase::Done {
+            // A generation job just ended: this worker's answer is `Exit`.
+            return self.next_task(id, "");
+        }
         if self.world.is_some() {
             return Ok(self.world_task(id));
         }
@@ -426,25 +439,42 @@ impl Job {
         Ok(None)
     }
 
-    /// During precompute: lease the next shard, or wait for the others' leases; moves the job to training
-    /// when every shard is done.
+    /// During precompute (or a generation job's generating phase): lease the next shard, or wait for the
+    /// others' leases; when every shard is done, moves the job to training (a generation job ends).
     fn precompute_task(&mut self, id: &str) -> Option<Task> {
+        let generating = self.cfg.is_generation_job();
         if self.phase == Phase::Waiting {
-            self.phase = Phase::Precompute;
-            self.message = "computing reference log-probs".into();
+            (self.phase, self.message) = match generating {
+                true => (Phase::Generating, "answering prompt shards".into()),
+                false => (Phase::Precompute, "computing reference log-probs".into()),
+            };
         }
-        if self.phase != Phase::Precompute {
+        if !matches!(self.phase, Phase::Precompute | Phase::Generating) {
             return None;
         }
         if let Some(shard) = self.pending.pop_front() {
             let w = self.workers.get_mut(id).expect("checked");
             w.lease = Some(shard.clone());
-            w.state = WorkerState::Precomputing;
             self.leased.insert(shard.clone(), id.to_string());
-            return Some(Task::Precompute { shard });
+            w.state = match generating {
+                true => WorkerState::Generating,
+                false => WorkerState::Precomputing,
+            };
+            return Some(match generating {
+                true => Task::Generate { shard },
+                false => Task::Precompute { shard },
+            });
         }
         if !self.leased.is_empty() {
-            return Some(Self::wait(500, "other workers are finishing precompute"));
+            return Some(Self::wait(500, "other workers are finishing their shards"));
+        }
+        if generating {
+            let n = self.done_shards.len();
+            self.end(
+                Phase::Done,
+                format!("generation finished: {n} prompt shard(s) answered"),
+            );
+            return None;
         }
         self.phase = Phase::Training;
         self.message = "forming the training world".into();
@@ -560,8 +590,12 @@ impl Job {
         w.state = WorkerState::Idle;
         self.leased.remove(&shard);
         if let Some(error) = r.error {
+            let what = match self.cfg.is_generation_job() {
+                true => "generation",
+                false => "precompute",
+            };
             let msg = format!(
-                "{}: precompute of {} failed: {error}",
+                "{}: {what} of {} failed: {error}",
                 r.worker_id,
                 shard.display()
             );

@@ -12,6 +12,7 @@ pub enum WorkerState {
     Idle,
     Waiting,
     Precomputing,
+    Generating,
     Training,
     /// Leaving (SIGTERM): given no more work.
     Exited,
@@ -70,10 +71,22 @@ pub struct BeatReply {
 /// What a worker is to do next.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Task {
-    Wait { millis: u32, reason: String },
-    Precompute { shard: PathBuf },
+    Wait {
+        millis: u32,
+        reason: String,
+    },
+    Precompute {
+        shard: PathBuf,
+    },
+    /// Answer this prompt shard (a generation job).
+    Generate {
+        shard: PathBuf,
+    },
     Train(TrainTask),
-    Exit { reason: String, success: bool },
+    Exit {
+        reason: String,
+        success: bool,
+    },
 }
 
 /// One rank's place in a training world.

@@ -67,6 +67,7 @@ pub fn check_files(cfg: &Config) -> Vec<String> {
     for (key, pats) in [
         ("data.train", &cfg.data.train),
         ("data.eval", &cfg.data.eval),
+        ("generate.prompts", &cfg.generate.prompts),
     ] {
         for pat in pats.iter() {
             if let Err(e) = shards::discover(std::slice::from_ref(pat)) {

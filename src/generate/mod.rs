@@ -51,11 +51,13 @@ pub struct GenerateArgs {
     /// Parquet shards (paths or globs, comma-separated) whose questions and images are the prompts.
     #[arg(long, value_delimiter = ',', required_unless_present = "prompts")]
     pub data: Vec<String>,
-    /// A JSON-lines file of prompts instead: {"image": PATH, "question": TEXT, "id": TEXT (optional)}; a
-    /// relative image path is relative to the file.
+    /// A JSON-lines file of prompts instead: {"image": PATH, "question": TEXT, "id": TEXT (optional)}, a
+    /// relative image path being relative to the file; or a benchmark's prompts file as RLHF-V ships them
+    /// (`image` as base64 or `image_path`, `question` or `prompt`, `image_id`, `question_id`).
     #[arg(long, conflicts_with = "data")]
     pub prompts: Option<PathBuf>,
-    /// Output parquet file.
+    /// Output file: parquet (docs/formats.md), or JSON lines in the format RLHF-V's benchmark scripts read
+    /// when it ends in `.jsonl` (Object HalBench, MMHal-Bench).
     #[arg(long)]
     pub out: PathBuf,
     /// Answers per prompt (their image and prompt are encoded once).
@@ -99,7 +101,7 @@ pub struct DecodeArgs {
 }
 
 /// What a run did.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerateReport {
     pub prompts: usize,
     pub answers: usize,
@@ -120,15 +122,7 @@ impl GenerateArgs {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return usage(format!("--top-p {}: must be in (0, 1]", self.top_p));
         }
-        let sampling = if self.temperature == 0.0 {
-            Sampling::Greedy
-        } else {
-            Sampling::Sample {
-                temperature: self.temperature,
-                top_k: self.top_k,
-                top_p: self.top_p,
-            }
-        };
+        let sampling = Sampling::from_settings(self.temperature, self.top_k, self.top_p);
         Ok(GenerateOptions {
             max_new_tokens: self.decode.max_new_tokens,
             sampling,
@@ -136,6 +130,7 @@ impl GenerateArgs {
             seed: self.seed,
             eos_id,
             pad_id,
+            first_index: 0,
         })
     }
 
@@ -169,39 +164,136 @@ pub fn run_generate_command(args: &GenerateArgs) -> Result<GenerateReport, Gener
         None => PromptSource::shards(&args.data)?,
     };
     let (_vs, model) = Llava::load(&args.model, device, kind)?;
-    let start = Instant::now();
-    let mut out = output::Writer::create(&args.out)?;
-    let mut report = GenerateReport {
-        prompts: 0,
-        answers: 0,
-        skipped: 0,
-        new_tokens: 0,
-        seconds: 0.0,
+    let run = Decoding {
+        model_id: dir_name(&args.model),
+        model: &model,
+        pre: &pre,
+        opts,
+        batch_size: args.decode.batch_size,
+        device,
     };
-    let mut last_log = Instant::now();
-    let mut prompts = source.encoded(&pre);
-    loop {
-        let batch = prompts.next_batch(args.decode.batch_size, &mut report.skipped);
-        if batch.is_empty() {
-            break;
-        }
-        let answers = answer(&model, &pre, &batch, &opts, device);
-        for (p, samples) in batch.iter().zip(answers) {
-            report.prompts += 1;
-            for (k, ids) in samples.into_iter().enumerate() {
-                report.answers += 1;
-                report.new_tokens += ids.len() as u64;
-                out.push(p, k, &ids, &pre, opts.eos_id)?;
-            }
-        }
-        if last_log.elapsed().as_secs_f64() >= 10.0 {
-            last_log = Instant::now();
-            log_progress(&report, start);
+    run.write(&source, &args.out)
+}
+
+/// One shard of a generation job (`generate.prompts`): its answers into
+/// `<generate.out_dir>/<shard stem>.answers.parquet`, written atomically, with the job's settings; a shard whose
+/// answers file exists is done already (a re-leased shard after a worker died mid-way is redone from scratch).
+pub fn generate_shard(
+    cfg: &crate::config::Config,
+    model: &Llava,
+    shard: &std::path::Path,
+    device: tch::Device,
+) -> Result<GenerateReport, GenerateError> {
+    let out = answers_file(cfg, shard);
+    if out.exists() {
+        return Ok(GenerateReport::default());
+    }
+    remove_partial_answers(&out);
+    let pre = Preprocessor::from_model_dir(
+        &cfg.model.path,
+        &cfg.data.template,
+        usize::MAX / 2,
+        cfg.data.pad_to_square,
+        1,
+    )?;
+    let g = &cfg.generate;
+    let sampling = Sampling::from_settings(g.temperature, g.top_k, g.top_p);
+    let opts = GenerateOptions {
+        max_new_tokens: g.max_new_tokens,
+        sampling,
+        samples: g.samples,
+        seed: g.seed,
+        eos_id: i64::from(pre.text.eos_id()),
+        pad_id: i64::from(pre.pad_id()),
+        first_index: 0,
+    };
+    let run = Decoding {
+        model_id: dir_name(&cfg.model.path),
+        model,
+        pre: &pre,
+        opts,
+        batch_size: g.batch_size,
+        device,
+    };
+    run.write(&PromptSource::Shards(vec![shard.to_owned()]), &out)
+}
+
+/// Removes what a worker killed while writing `out` left behind (its temporary siblings): the shard is leased
+/// to one worker at a time, so they belong to an earlier lessee that died.
+fn remove_partial_answers(out: &std::path::Path) {
+    let (Some(dir), Some(name)) = (out.parent(), out.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            tracing::info!(file = %entry.path().display(), "removing a dead worker's partial answers");
+            let _ = std::fs::remove_file(entry.path());
         }
     }
-    out.finish()?;
-    report.seconds = start.elapsed().as_secs_f64();
-    Ok(report)
+}
+
+fn dir_name(p: &std::path::Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Where a generation job writes a prompt shard's answers.
+pub fn answers_file(cfg: &crate::config::Config, shard: &std::path::Path) -> PathBuf {
+    let stem = shard.file_stem().map(|s| s.to_string_lossy().into_owned());
+    cfg.generate
+        .out_dir
+        .join(format!("{}.answers.parquet", stem.unwrap_or_default()))
+}
+
+/// A loaded model, its prompt encoding and the decoding settings.
+struct Decoding<'a> {
+    /// The model directory's name, for answers in the RLHF-V format (`model_id`).
+    model_id: String,
+    model: &'a Llava,
+    pre: &'a Preprocessor,
+    opts: GenerateOptions,
+    batch_size: usize,
+    device: tch::Device,
+}
+
+impl Decoding<'_> {
+    /// Answers every prompt of `source` into the answers file `out` (complete or absent).
+    fn write(
+        mut self,
+        source: &PromptSource,
+        out: &std::path::Path,
+    ) -> Result<GenerateReport, GenerateError> {
+        let start = Instant::now();
+        let mut writer = output::Writer::create(out, &self.model_id)?;
+        let mut report = GenerateReport::default();
+        let mut last_log = Instant::now();
+        let mut prompts = source.encoded(self.pre);
+        loop {
+            let batch = prompts.next_batch(self.batch_size, &mut report.skipped);
+            if batch.is_empty() {
+                break;
+            }
+            self.opts.first_index = report.prompts as u64;
+            let answers = answer(self.model, self.pre, &batch, &self.opts, self.device);
+            for (p, samples) in batch.iter().zip(answers) {
+                report.prompts += 1;
+                for (k, ids) in samples.into_iter().enumerate() {
+                    report.answers += 1;
+                    report.new_tokens += ids.len() as u64;
+                    writer.push(p, k, &ids, self.pre, self.opts.eos_id)?;
+                }
+            }
+            if last_log.elapsed().as_secs_f64() >= 10.0 {
+                last_log = Instant::now();
+                log_progress(&report, start);
+            }
+        }
+        writer.finish()?;
+        report.seconds = start.elapsed().as_secs_f64();
+        Ok(report)
+    }
 }
 
 /// One batch through the model: the prompts' ids and images, the answers per prompt and sample.

@@ -1,6 +1,9 @@
 //! The answers file: one parquet row per (prompt, sample) with the prompt's id, question and image (as HF
 //! datasets stores images), the sample number, the response text, its token ids and whether it ended with EOS.
-//! Written under a temporary name and renamed when complete.
+//! Or, for an output path ending in `.jsonl`, one JSON line per answer in the format the RLHF-V evaluation
+//! scripts read (Object HalBench's `eval_gpt_obj_halbench.py`, MMHal-Bench's `eval_gpt_mmhal.py --is_jsonl`):
+//! `question_id`, `image_id`, `prompt`, `text`, `model_id`, `sample`. Written under a temporary name and renamed
+//! when complete.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -10,6 +13,8 @@ use arrow::array::{
     ArrayRef, AsArray, BinaryArray, BooleanArray, Int32Array, Int32Builder, ListBuilder,
     RecordBatch, StringArray, StructArray,
 };
+use std::io::{BufWriter, Write};
+
 use arrow::datatypes::{DataType, Field, Fields, Int32Type, Schema, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
@@ -58,24 +63,43 @@ fn schema() -> SchemaRef {
 pub(super) struct Writer {
     path: PathBuf,
     tmp: PathBuf,
-    writer: Option<ArrowWriter<File>>,
+    sink: Option<Sink>,
     rows: Vec<AnswerRow>,
+    /// Named in every JSON line (`model_id`).
+    model_id: String,
+    /// Prompts written so far: a JSON line's `question_id` when its prompt has none.
+    prompts: u64,
+}
+
+/// The open temporary file, by format.
+enum Sink {
+    Parquet(Box<ArrowWriter<File>>),
+    Jsonl(BufWriter<File>),
 }
 
 impl Writer {
-    /// Starts `path` (under a temporary name until [`Writer::finish`]).
-    pub fn create(path: &Path) -> Result<Self, GenerateError> {
+    /// Starts `path` (under a temporary name until [`Writer::finish`]): JSON lines when it ends in `.jsonl`,
+    /// parquet otherwise.
+    pub fn create(path: &Path, model_id: &str) -> Result<Self, GenerateError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| out_err(path, e))?;
         }
         let tmp = fsx::temp_sibling(path);
         let file = File::create(&tmp).map_err(|e| out_err(&tmp, e))?;
-        let writer = ArrowWriter::try_new(file, schema(), None).map_err(|e| out_err(&tmp, e))?;
+        let sink = if path.extension().is_some_and(|e| e == "jsonl") {
+            Sink::Jsonl(BufWriter::new(file))
+        } else {
+            Sink::Parquet(Box::new(
+                ArrowWriter::try_new(file, schema(), None).map_err(|e| out_err(&tmp, e))?,
+            ))
+        };
         Ok(Self {
             path: path.to_owned(),
             tmp,
-            writer: Some(writer),
+            sink: Some(sink),
             rows: Vec::new(),
+            model_id: model_id.to_owned(),
+            prompts: 0,
         })
     }
 
@@ -99,6 +123,20 @@ impl Writer {
             .tokenizer()
             .decode(&text_ids, true)
             .map_err(|e| out_err(&self.path, e))?;
+        if k == 0 {
+            self.prompts += 1;
+        }
+        if let Some(Sink::Jsonl(w)) = self.sink.as_mut() {
+            let line = serde_json::json!({
+                "question_id": p.prompt.question_id.clone().unwrap_or((self.prompts - 1).into()),
+                "image_id": p.prompt.image_id.clone().unwrap_or(p.prompt.id.clone().into()),
+                "prompt": p.prompt.question,
+                "text": response,
+                "model_id": self.model_id,
+                "sample": k,
+            });
+            return writeln!(w, "{line}").map_err(|e| out_err(&self.tmp, e));
+        }
         self.push_row(AnswerRow {
             id: p.prompt.id.clone(),
             question: p.prompt.question.clone(),
@@ -123,8 +161,9 @@ impl Writer {
             return Ok(());
         }
         let batch = to_batch(&self.rows).map_err(|e| out_err(&self.tmp, e))?;
-        let w = self.writer.as_mut().expect("open until finish");
-        w.write(&batch).map_err(|e| out_err(&self.tmp, e))?;
+        if let Some(Sink::Parquet(w)) = self.sink.as_mut() {
+            w.write(&batch).map_err(|e| out_err(&self.tmp, e))?;
+        }
         self.rows.clear();
         Ok(())
     }
@@ -132,8 +171,10 @@ impl Writer {
     /// Writes what is buffered, closes the file and renames it into place.
     pub fn finish(mut self) -> Result<(), GenerateError> {
         self.flush()?;
-        let w = self.writer.take().expect("open until finish");
-        let file = w.into_inner().map_err(|e| out_err(&self.tmp, e))?;
+        let file = match self.sink.take().expect("open until finish") {
+            Sink::Parquet(w) => w.into_inner().map_err(|e| out_err(&self.tmp, e))?,
+            Sink::Jsonl(w) => w.into_inner().map_err(|e| out_err(&self.tmp, e.error()))?,
+        };
         file.sync_all().map_err(|e| out_err(&self.tmp, e))?;
         fsx::commit(&self.tmp, &self.path).map_err(|e| out_err(&self.path, e))
     }
@@ -142,7 +183,7 @@ impl Writer {
 impl Drop for Writer {
     /// An unfinished file is removed: the output is complete or absent.
     fn drop(&mut self) {
-        if self.writer.is_some() {
+        if self.sink.is_some() {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
@@ -190,7 +231,13 @@ fn to_batch(rows: &[AnswerRow]) -> Result<RecordBatch, arrow::error::ArrowError>
 /// Writes answers made elsewhere (another tool's, or reference texts) as an answers file, e.g. for
 /// `ddpo evaluate --responses`.
 pub fn write_answers(path: &Path, rows: &[AnswerRow]) -> Result<(), GenerateError> {
-    let mut w = Writer::create(path)?;
+    if path.extension().is_some_and(|e| e == "jsonl") {
+        return Err(out_err(
+            path,
+            "write_answers writes parquet; name the file .parquet",
+        ));
+    }
+    let mut w = Writer::create(path, "")?;
     for r in rows {
         w.push_row(r.clone())?;
     }

@@ -8,12 +8,15 @@ use crate::data::pipeline::{Preprocessor, RowReason};
 use crate::data::reader::ShardReader;
 use crate::data::{shards, DataError, RowError};
 
-/// One prompt as given: an id, the question and the encoded image file.
+/// One prompt as given: an id, the question and the encoded image file, and the ids a benchmark's prompts
+/// file gave it (kept for answers in that benchmark's format).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Prompt {
     pub id: String,
     pub question: String,
     pub image: Vec<u8>,
+    pub image_id: Option<serde_json::Value>,
+    pub question_id: Option<serde_json::Value>,
 }
 
 /// A prompt ready for the model.
@@ -31,13 +34,21 @@ pub enum PromptSource {
     File(Vec<FileLine>),
 }
 
-/// One prompt of a prompts file: the file and line (1-based) it came from, its id, question and image path.
+/// One prompt of a prompts file: the file and line (1-based) it came from, its id, question and image.
 pub struct FileLine {
     file: PathBuf,
     line: u64,
     id: String,
     question: String,
-    image: PathBuf,
+    image: ImageRef,
+    image_id: Option<serde_json::Value>,
+    question_id: Option<serde_json::Value>,
+}
+
+/// An image file to read when its prompt comes up, or the bytes a prompts file carried inline.
+enum ImageRef {
+    Path(PathBuf),
+    Bytes(Vec<u8>),
 }
 
 /// A prompt that could not be used (logged and counted; the run goes on).
@@ -50,13 +61,55 @@ enum Skipped {
     Shard(#[from] DataError),
 }
 
+/// A prompts-file line: ddpo's own (`image` path, `question`, `id`) or a benchmark's as the RLHF-V evaluation
+/// files have them (`question` or `prompt`; `image` as base64 bytes or `image_path`; `image_id`,
+/// `question_id`). Other keys are ignored.
 #[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Line {
-    image: PathBuf,
+    #[serde(alias = "prompt")]
     question: String,
     #[serde(default)]
-    id: Option<String>,
+    image: Option<String>,
+    #[serde(default)]
+    image_path: Option<PathBuf>,
+    #[serde(default)]
+    id: Option<serde_json::Value>,
+    #[serde(default)]
+    image_id: Option<serde_json::Value>,
+    #[serde(default)]
+    question_id: Option<serde_json::Value>,
+}
+
+/// A JSON id as text (`"12"` and `12` alike).
+fn id_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl Line {
+    /// The image: a path (relative to the prompts file's folder) when one exists, else base64 image data.
+    fn image_ref(&self, dir: &Path) -> Result<ImageRef, String> {
+        use base64::Engine as _;
+        if let Some(p) = &self.image_path {
+            return Ok(ImageRef::Path(dir.join(p)));
+        }
+        let Some(image) = &self.image else {
+            return Err("no `image` or `image_path`".into());
+        };
+        let path = dir.join(image);
+        if image.len() < 4096 && path.exists() {
+            return Ok(ImageRef::Path(path));
+        }
+        match base64::engine::general_purpose::STANDARD.decode(image.trim()) {
+            Ok(bytes) => Ok(ImageRef::Bytes(bytes)),
+            Err(_) if image.len() < 4096 => Err(format!("image {}: no such file", path.display())),
+            Err(e) => Err(format!(
+                "`image` is neither a file nor base64 image data: {e}"
+            )),
+        }
+    }
 }
 
 impl PromptSource {
@@ -79,12 +132,20 @@ impl PromptSource {
                 continue;
             }
             let l: Line = serde_json::from_str(raw).map_err(|e| err(i + 1, e.to_string()))?;
+            let image = l.image_ref(dir).map_err(|e| err(i + 1, e))?;
+            let id = [&l.id, &l.image_id, &l.question_id]
+                .into_iter()
+                .flatten()
+                .next()
+                .map_or_else(|| i.to_string(), id_text);
             out.push(FileLine {
                 file: path.to_owned(),
                 line: i as u64 + 1,
-                id: l.id.unwrap_or_else(|| i.to_string()),
+                id,
                 question: l.question,
-                image: dir.join(l.image),
+                image,
+                image_id: l.image_id,
+                question_id: l.question_id,
             });
         }
         if out.is_empty() {
@@ -144,22 +205,26 @@ impl Encoder<'_> {
             PromptSource::File(lines) => {
                 let l = lines.get(self.next)?;
                 self.next += 1;
-                Some(match std::fs::read(&l.image) {
-                    Ok(image) => {
-                        let (id, question) = (l.id.clone(), l.question.clone());
-                        let p = Prompt {
-                            id,
-                            question,
-                            image,
-                        };
-                        Ok((p, l.file.clone(), l.line))
-                    }
-                    Err(e) => Err(Skipped::Row(RowError {
-                        shard: l.file.clone(),
-                        row: l.line,
-                        reason: format!("image {}: {e}", l.image.display()),
-                    })),
-                })
+                let image = match &l.image {
+                    ImageRef::Bytes(b) => Ok(b.clone()),
+                    ImageRef::Path(p) => std::fs::read(p).map_err(|e| {
+                        Skipped::Row(RowError {
+                            shard: l.file.clone(),
+                            row: l.line,
+                            reason: format!("image {}: {e}", p.display()),
+                        })
+                    }),
+                };
+                Some(image.map(|image| {
+                    let p = Prompt {
+                        id: l.id.clone(),
+                        question: l.question.clone(),
+                        image,
+                        image_id: l.image_id.clone(),
+                        question_id: l.question_id.clone(),
+                    };
+                    (p, l.file.clone(), l.line)
+                }))
             }
             PromptSource::Shards(files) => loop {
                 if let Some((path, reader)) = self.reader.as_mut() {
@@ -169,6 +234,8 @@ impl Encoder<'_> {
                                 id: r.id,
                                 question: r.question,
                                 image: r.image,
+                                image_id: None,
+                                question_id: None,
                             };
                             (p, path.clone(), r.row)
                         }));

@@ -5,8 +5,8 @@
 //! - Greedy decoding picks the arg-max of the fp32 logits, as `generate(do_sample=False)` does; a finished row
 //!   (it produced EOS) gets no more tokens.
 //! - Each prompt's image and prompt are encoded once: its K samples copy the prefill's cache rows.
-//! - Sampling draws from the project's own generator on the host, seeded per (seed, prompt index, sample), so a
-//!   seed gives the same answers whatever the batch size or device order (up to the logits' own rounding).
+//! - Sampling draws from the project's own generator on the host, seeded per (seed, prompt index in the run,
+//!   sample), so a seed gives the same answers whatever the batching (up to the logits' own rounding).
 
 use tch::nn::Module;
 use tch::{Kind, Tensor};
@@ -29,6 +29,21 @@ pub enum Sampling {
     },
 }
 
+impl Sampling {
+    /// Greedy at temperature 0 (as the command-line and config settings say), sampling above.
+    pub fn from_settings(temperature: f64, top_k: usize, top_p: f64) -> Self {
+        if temperature == 0.0 {
+            Sampling::Greedy
+        } else {
+            Sampling::Sample {
+                temperature,
+                top_k,
+                top_p,
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
     pub max_new_tokens: usize,
@@ -39,6 +54,9 @@ pub struct GenerateOptions {
     pub eos_id: i64,
     /// The id of left padding (never seen: padding is masked out).
     pub pad_id: i64,
+    /// The index of the first prompt of this call in the whole run: sampling is seeded per (seed, prompt index,
+    /// sample), so a run's answers do not depend on how its prompts are batched or split between workers.
+    pub first_index: u64,
 }
 
 /// One answer: its token ids, ending with EOS unless `max_new_tokens` cut it.
@@ -67,9 +85,11 @@ impl Llava {
         next_pos = next_pos.index_select(0, &rows);
         let mut logits = logits.index_select(0, &rows);
         let n = (b * k) as usize;
-        let mut rngs: Vec<SplitMix> = (0..n)
+        let mut rngs: Vec<SplitMix> = (0..n as u64)
             .map(|r| {
-                SplitMix::new(opts.seed ^ ((r as u64 / k as u64) << 20) ^ (r as u64 % k as u64))
+                let (prompt, sample) = (opts.first_index + r / k as u64, r % k as u64);
+                let stream = SplitMix::new(prompt.wrapping_mul(1 << 16) ^ sample).next_u64();
+                SplitMix::new(opts.seed ^ stream)
             })
             .collect();
         let mut answers: Vec<Answer> = vec![Vec::new(); n];

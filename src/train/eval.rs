@@ -99,6 +99,7 @@ impl Run<'_> {
             seed: 0,
             eos_id: eos,
             pad_id: i64::from(pre.pad_id()),
+            first_index: 0,
         };
         self.model
             .generate(&ids, &pixels, &opts)

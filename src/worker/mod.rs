@@ -11,8 +11,10 @@
 
 //!
 //! Code map (mini-redis style, one file per task kind): `session` (connection, registration, next task),
-//! `heartbeat` (shared state, heartbeats, SIGTERM, training hooks), `precompute` and `train` (the tasks).
+//! `heartbeat` (shared state, heartbeats, SIGTERM, training hooks), `precompute`, `generate` and `train` (the
+//! tasks).
 
+mod generate;
 mod heartbeat;
 mod precompute;
 mod session;
@@ -90,6 +92,7 @@ async fn next(s: &mut Session) -> Result<Option<bool>, WorkerError> {
             };
         }
         pb::task::Kind::Precompute(p) => precompute::handle(s, p).await?,
+        pb::task::Kind::Generate(g) => generate::handle(s, g).await?,
         pb::task::Kind::Train(t) => {
             train::handle(s, t).await?;
         }

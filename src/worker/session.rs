@@ -27,6 +27,8 @@ pub(super) struct Session {
     /// The CPU-ring listener peers connect to; a training world consumes it and a fresh one is bound.
     pub listener: RingListener,
     pub reference: Reference,
+    /// The job's model in a generation job, kept loaded between prompt shards.
+    pub generator: Reference,
     pub heartbeat_every: Duration,
 }
 
@@ -51,6 +53,7 @@ impl Session {
             cfg,
             listener,
             reference: None,
+            generator: None,
             heartbeat_every: Duration::from_secs(u64::from(reg.heartbeat_secs.max(1))),
         })
     }

@@ -76,6 +76,7 @@ fn kind(t: &Task) -> &'static str {
     match t {
         Task::Wait { .. } => "wait",
         Task::Precompute { .. } => "precompute",
+        Task::Generate { .. } => "generate",
         Task::Train(_) => "train",
         Task::Exit { .. } => "exit",
     }
@@ -260,4 +261,34 @@ fn nothing_is_precomputed_without_a_cached_reference() {
         assert_eq!(kind(&t), "train", "{case}");
         assert_eq!(train(t).world_size, 1);
     }
+}
+
+/// A generation job leases its prompt shards as `Generate` tasks (a worker that asks again without completing
+/// gives its shard back), never forms a training world, and ends done when every shard is answered.
+#[test]
+fn a_generation_job_leases_prompt_shards_and_ends() {
+    let (dir, mut cfg) = setup(2);
+    cfg.generate.prompts = vec![format!("{}/data/*.parquet", dir.path().display())];
+    assert!(cfg.is_generation_job() && cfg.validate().is_empty());
+    let mut job = Job::new(cfg.clone(), String::new()).unwrap();
+    let a = join(&mut job, &cfg, "a");
+    let b = join(&mut job, &cfg, "b");
+    let shard_of = |t: Task| match t {
+        Task::Generate { shard } => shard,
+        other => panic!("expected generate, got {other:?}"),
+    };
+    let first = shard_of(job.next_task(&a, "").unwrap());
+    assert_eq!(job.status().phase, Phase::Generating);
+    // `a` asks again without completing (it restarted): the same shard comes back to it.
+    assert_eq!(shard_of(job.next_task(&a, "").unwrap()), first);
+    let second = shard_of(job.next_task(&b, "").unwrap());
+    assert_ne!(first, second);
+    job.complete_shard(shard_done(&a, &first)).unwrap();
+    job.complete_shard(shard_done(&b, &second)).unwrap();
+    match job.next_task(&a, "").unwrap() {
+        Task::Exit { success, .. } => assert!(success),
+        other => panic!("expected exit, got {other:?}"),
+    }
+    assert_eq!(job.status().phase, Phase::Done);
+    assert_eq!(kind(&job.next_task(&b, "").unwrap()), "exit");
 }

@@ -742,3 +742,93 @@ fn sigterm_stops_a_worker_cleanly_with_a_checkpoint() {
         .collect();
     assert_eq!(steps, (1..=64).collect::<Vec<_>>());
 }
+
+/// A generation job (`[generate] prompts`) with three workers, one killed with SIGKILL while it answers a
+/// shard: its lease returns to the queue, the job ends done, and every shard's answers file equals what
+/// `ddpo generate` writes for that shard in one process (sampled, K = 2, so the per-prompt seeding is checked
+/// too: answers must not depend on which worker ran them).
+#[test]
+fn generation_survives_a_killed_worker() {
+    let _serial = serial();
+    let job = Job::new(96);
+    let r = job.root.display().to_string();
+    let gen = format!(
+        "[generate]\nprompts = [\"{r}/data/train-*.parquet\"]\nout_dir = \"{r}/answers\"\nsamples = 2\n\
+         temperature = 0.8\nseed = 3\nmax_new_tokens = 24\nbatch_size = 4\n"
+    );
+    let cfg = job.config("gen", 1, &gen);
+    let (mut coord, url) = job.coordinator(&cfg, 0);
+    let mut workers: Vec<Proc> = (0..3).map(|_| worker(&url)).collect();
+    let t = Instant::now();
+    let victim = loop {
+        if let Some(s) = status(&url) {
+            let phase = s.phase();
+            assert!(
+                matches!(phase, pb::Phase::Waiting | pb::Phase::Generating),
+                "{s:?}"
+            );
+            if let Some(w) = s
+                .workers
+                .iter()
+                .find(|w| w.state() == pb::WorkerState::Generating)
+            {
+                break w.pid;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no worker ever took a shard"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let idx = workers
+        .iter()
+        .position(|w| w.0.id() == victim)
+        .expect("the lessee is one of ours");
+    kill9(&mut workers[idx]);
+    let code = coord.wait(
+        Duration::from_secs(240),
+        "the generation job after a killed worker",
+    );
+    assert!(code.success(), "coordinator: {code}");
+    let many = ddpo::config::Config::load_with_env(&cfg, &[]).unwrap();
+    let shards = ddpo::data::shards::discover(&many.generate.prompts).unwrap();
+    assert_eq!(shards.len(), 2);
+    // The same settings in one process, one thread as the workers ran, shard by shard.
+    let threads = tch::get_num_threads();
+    tch::set_num_threads(1);
+    for s in &shards {
+        let single = job.root.join("single.parquet");
+        let args = ddpo::generate::GenerateArgs {
+            model: many.model.path.clone(),
+            data: vec![s.display().to_string()],
+            prompts: None,
+            out: single.clone(),
+            samples: 2,
+            temperature: 0.8,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 3,
+            pad_to_square: many.data.pad_to_square,
+            decode: ddpo::generate::DecodeArgs {
+                max_new_tokens: 24,
+                batch_size: 4,
+                device: "cpu".into(),
+                dtype: "fp32".into(),
+                template: many.data.template.clone(),
+            },
+        };
+        ddpo::generate::run_generate_command(&args).unwrap();
+        let want = ddpo::generate::read_answers(&single).unwrap();
+        let got = ddpo::generate::read_answers(&ddpo::generate::answers_file(&many, s)).unwrap();
+        assert_eq!(got.len(), 96, "{}", s.display());
+        assert_eq!(got, want, "{}: distributed answers differ", s.display());
+    }
+    tch::set_num_threads(threads);
+    // The killed worker's partial file was removed when its shard was answered again.
+    let left: Vec<_> = std::fs::read_dir(&many.generate.out_dir)
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+}

@@ -71,6 +71,7 @@ fn greedy(p: &Prompts, samples: usize) -> GenerateOptions {
         seed: 0,
         eos_id: p.eos,
         pad_id: p.pad,
+        first_index: 0,
     }
 }
 
@@ -367,4 +368,71 @@ fn prompts_of_rows(model: &Path, rows: &[ddpo::generate::AnswerRow]) -> Prompts 
         eos: i64::from(pre.text.eos_id()),
         pad: i64::from(pre.pad_id()),
     }
+}
+
+/// A benchmark's prompts file as RLHF-V ships them (base64 `image`, integer `image_id`, `question_id`, keys
+/// ddpo does not use) answered into `.jsonl` in the format RLHF-V's evaluation scripts read: one line per
+/// answer with `question_id`, `image_id` (kept as given), `prompt`, `text`, `model_id`; the same answers as the
+/// parquet output.
+#[test]
+fn benchmark_prompts_answered_in_the_rlhf_v_answer_format() {
+    use base64::Engine as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = dir.join("tiny");
+    ddpo::preset::init_model(&model, "tiny", 21).unwrap();
+    let b64 = |seed| base64::engine::general_purpose::STANDARD.encode(png(36, 30, seed));
+    let lines = [
+        serde_json::json!({"image_id": 139, "question_id": 7, "question": "What is in the image?",
+                           "image": b64(1), "org_idx": 0, "metainfos": {"x": 1}}),
+        serde_json::json!({"image_id": 285, "question": "Describe the picture.", "image": b64(2)}),
+    ];
+    let file = dir.join("obj_halbench_300_with_image.jsonl");
+    let text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    std::fs::write(&file, text.join("\n") + "\n").unwrap();
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let run = |out: &Path| {
+        let o = ddpo(&[
+            "generate",
+            "--model",
+            &s(&model),
+            "--prompts",
+            &s(&file),
+            "--out",
+            &s(out),
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "8",
+        ]);
+        assert!(o.status.success(), "{}", text_of(&o));
+    };
+    let jsonl = dir.join("results/obj_halbench_answer.jsonl");
+    let parquet = dir.join("results/answers.parquet");
+    run(&jsonl);
+    run(&parquet);
+    let got: Vec<serde_json::Value> = std::fs::read_to_string(&jsonl)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let want = ddpo::generate::read_answers(&parquet).unwrap();
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        (&got[0]["image_id"], &got[0]["question_id"]),
+        (&serde_json::json!(139), &serde_json::json!(7))
+    );
+    assert_eq!(
+        (&got[1]["image_id"], &got[1]["question_id"]),
+        (&serde_json::json!(285), &serde_json::json!(1))
+    );
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g["prompt"].as_str(), Some(w.question.as_str()));
+        assert_eq!(g["text"].as_str(), Some(w.response.as_str()));
+        assert_eq!(g["model_id"].as_str(), Some("tiny"));
+    }
+    assert_eq!(
+        want[0].id, "139",
+        "the prompt id is the benchmark's image id"
+    );
 }
