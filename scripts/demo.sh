@@ -65,8 +65,8 @@ if [[ $status -ne 0 ]]; then
 fi
 ddpo_model=$(ls -d "$DEMO"/run/checkpoint-* | tail -n 1)
 echo "== 4. hallucination on the same held-out scenes, DDPO model ($ddpo_model)"
-"$BIN/ddpo" evaluate --data "$HELD" --model "$ddpo_model" --out "$DEMO/eval-ddpo/report.json" --device cpu \
-    --max-new-tokens 48 2>> "$DEMO/job.log"
+"$BIN/ddpo" evaluate --data "$HELD" --model "$ddpo_model" --reference "$sft" --out "$DEMO/eval-ddpo/report.json" \
+    --device cpu --max-new-tokens 48 2>> "$DEMO/job.log"
 echo
 echo "held-out hallucination before and after DDPO (the corrections in the data fix colours only):"
 # The reports' numbers side by side: "key": value lines of the pretty-printed JSON.

@@ -47,12 +47,82 @@ pub struct EvaluateArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Reference model (the one DDPO started from): also report the held-out reward accuracy of --model
+    /// against it on the data's preference pairs.
+    #[arg(long, requires = "model")]
+    pub reference: Option<PathBuf>,
     #[command(flatten)]
     pub decode: DecodeArgs,
 }
 
-/// The report: rates over the answers.
-pub type Report = Rates;
+/// The report: rates over the answers, and the held-out reward accuracy when a reference was given.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Report {
+    #[serde(flatten)]
+    pub rates: Rates,
+    /// Share of the data's preference pairs whose DDPO reward margin (model vs `--reference`, the paper's
+    /// weighting: γ = 5, mean scores) is positive; `None` without `--reference`.
+    pub reward_accuracy: Option<f64>,
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.rates)?;
+        if let Some(a) = self.reward_accuracy {
+            write!(
+                f,
+                "\nreward accuracy    {a:.4}  (held-out pairs, vs the reference)"
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The share of `files`' preference pairs on which `model` prefers the chosen answer more than `reference`
+/// does (DDPO margin > 0 with the default `[ddpo]` weighting), in batches of `decode.batch_size` pairs.
+fn reward_accuracy(
+    files: &[PathBuf],
+    model: &std::path::Path,
+    reference: &std::path::Path,
+    decode: &DecodeArgs,
+) -> Result<f64, EvaluateError> {
+    use crate::data::pipeline::{ExampleStream, Preprocessor};
+    let device = crate::config::parse_device(&decode.device)
+        .map_err(|e| generate::GenerateError::Usage(e.to_string()))?;
+    let kind = crate::config::Dtype::Auto.weight_kind(device);
+    let cfg = crate::config::DdpoConfig::default();
+    let pre = Preprocessor::from_model_dir(model, &decode.template, 4096, false, cfg.min_match)?;
+    let load = |dir: &std::path::Path| crate::model::llava::Llava::load(dir, device, kind);
+    let ((_pv, policy), (_rv, refm)) = (
+        load(model).map_err(generate::GenerateError::from)?,
+        load(reference).map_err(generate::GenerateError::from)?,
+    );
+    let mut sums = crate::ddpo::MetricSums::default();
+    let mut stream = ExampleStream::new(&pre, files.to_vec(), crate::config::OnBadRow::Skip);
+    loop {
+        // Streamed in batches: a large held-out set is never all in memory.
+        let chunk: Vec<_> = stream
+            .by_ref()
+            .take(decode.batch_size.max(1))
+            .collect::<Result<_, _>>()?;
+        if chunk.is_empty() {
+            break;
+        }
+        let batch = crate::data::collate::collate(&chunk, pre.pad_id(), pre.image_hw(), true)
+            .to_device(device);
+        let t = tch::no_grad(|| {
+            let p = crate::logps::batch_logps(&policy, &batch);
+            let r = crate::logps::batch_logps(&refm, &batch);
+            crate::ddpo::pair_terms(&p, &r, &batch, &cfg)
+        });
+        sums.add(&t, batch.response_tokens);
+    }
+    let named = sums.named("");
+    Ok(named
+        .iter()
+        .find(|(k, _)| k == "rewards/accuracies")
+        .map_or(0.0, |(_, v)| *v))
+}
 
 /// Runs `ddpo evaluate`: answers (generated or given) scored against the scenes of `args.data`.
 pub fn run_evaluate_command(args: &EvaluateArgs) -> Result<Report, EvaluateError> {
@@ -96,7 +166,14 @@ pub fn run_evaluate_command(args: &EvaluateArgs) -> Result<Report, EvaluateError
         })?;
         totals.add(&truth::score(&a.response, scene));
     }
-    let report = totals.rates();
+    let reward_accuracy = match (&args.reference, &args.model) {
+        (Some(r), Some(m)) => Some(reward_accuracy(&files, m, r, &args.decode)?),
+        _ => None,
+    };
+    let report = Report {
+        rates: totals.rates(),
+        reward_accuracy,
+    };
     if let Some(out) = &args.out {
         let json = serde_json::to_vec_pretty(&report).expect("a report serialises");
         crate::util::fsx::write_atomic(out, &json).map_err(|source| EvaluateError::Io {

@@ -176,13 +176,14 @@ fn sft_then_ddpo_lowers_colour_hallucination_on_held_out_scenes() {
         std::fs::write(&p, text).unwrap();
         train_on_cpu(&p)
     };
-    let evaluate = |model: &Path, name: &str| {
+    let evaluate = |model: &Path, name: &str, reference: Option<&Path>| {
         let args = ddpo::evaluate::EvaluateArgs {
             data: vec![held.display().to_string()],
             model: Some(model.to_owned()),
             responses: None,
             answers: Some(d.join(format!("{name}.parquet"))),
             out: None,
+            reference: reference.map(Path::to_owned),
             decode: ddpo::generate::DecodeArgs {
                 max_new_tokens: 48,
                 batch_size: 8,
@@ -194,7 +195,7 @@ fn sft_then_ddpo_lowers_colour_hallucination_on_held_out_scenes() {
         ddpo::evaluate::run_evaluate_command(&args).unwrap()
     };
     let sft = job("sft", &d.join("model"), "loss = \"sft\"", 10, 3e-3, false);
-    let before = evaluate(&sft, "before");
+    let before = evaluate(&sft, "before", None);
     let dpo = job(
         "dpo",
         &sft,
@@ -203,7 +204,7 @@ fn sft_then_ddpo_lowers_colour_hallucination_on_held_out_scenes() {
         1e-3,
         true,
     );
-    let after = evaluate(&dpo, "after");
+    let after = evaluate(&dpo, "after", Some(&sft));
     // The trainer's own evaluation of its last step answered the same prompts with the same model, 8 at a
     // time as `evaluate` does: the same rates.
     let rows: Vec<serde_json::Value> = std::fs::read_to_string(d.join("dpo/metrics.jsonl"))
@@ -216,18 +217,22 @@ fn sft_then_ddpo_lowers_colour_hallucination_on_held_out_scenes() {
         .rev()
         .find(|r| r.get("eval/hallucination/chair_i").is_some())
         .expect("eval/hallucination/* in metrics.jsonl");
-    for (k, want) in after.named("eval/hallucination/") {
+    for (k, want) in after.rates.named("eval/hallucination/") {
         assert_eq!(last[&k].as_f64(), Some(want), "{k}: {last}");
     }
-    let colour = |r: &ddpo::evaluate::Report| r.false_rate["colour"];
+    let colour = |r: &ddpo::evaluate::Report| r.rates.false_rate["colour"];
     // SFT alone leaves colour errors to fix (about one claim in ten on this machine when measured).
     assert!(colour(&before) > 0.05, "{before}");
     assert!(
         colour(&after) < 0.6 * colour(&before),
         "before:\n{before}\nafter:\n{after}"
     );
+    // Against the SFT model it started from, the DDPO model prefers the held-out chosen answers.
+    let accuracy = after.reward_accuracy.expect("a reference was given");
+    assert!(accuracy > 0.8, "held-out reward accuracy {accuracy}");
+    assert_eq!(before.reward_accuracy, None);
     assert!(
-        after.coverage >= 0.9 * before.coverage,
+        after.rates.coverage >= 0.9 * before.rates.coverage,
         "before:\n{before}\nafter:\n{after}"
     );
 }
