@@ -88,15 +88,26 @@ fn id_text(v: &serde_json::Value) -> String {
     }
 }
 
+/// Why a prompts-file line has no usable image.
+#[derive(Debug, thiserror::Error)]
+enum ImageRefError {
+    #[error("no `image` or `image_path`")]
+    Missing,
+    #[error("image {}: no such file", .0.display())]
+    NoFile(PathBuf),
+    #[error("`image` is neither a file nor base64 image data: {0}")]
+    NotBase64(base64::DecodeError),
+}
+
 impl Line {
     /// The image: a path (relative to the prompts file's folder) when one exists, else base64 image data.
-    fn image_ref(&self, dir: &Path) -> Result<ImageRef, String> {
+    fn image_ref(&self, dir: &Path) -> Result<ImageRef, ImageRefError> {
         use base64::Engine as _;
         if let Some(p) = &self.image_path {
             return Ok(ImageRef::Path(dir.join(p)));
         }
         let Some(image) = &self.image else {
-            return Err("no `image` or `image_path`".into());
+            return Err(ImageRefError::Missing);
         };
         let path = dir.join(image);
         if image.len() < 4096 && path.exists() {
@@ -104,10 +115,8 @@ impl Line {
         }
         match base64::engine::general_purpose::STANDARD.decode(image.trim()) {
             Ok(bytes) => Ok(ImageRef::Bytes(bytes)),
-            Err(_) if image.len() < 4096 => Err(format!("image {}: no such file", path.display())),
-            Err(e) => Err(format!(
-                "`image` is neither a file nor base64 image data: {e}"
-            )),
+            Err(_) if image.len() < 4096 => Err(ImageRefError::NoFile(path)),
+            Err(e) => Err(ImageRefError::NotBase64(e)),
         }
     }
 }
@@ -132,7 +141,7 @@ impl PromptSource {
                 continue;
             }
             let l: Line = serde_json::from_str(raw).map_err(|e| err(i + 1, e.to_string()))?;
-            let image = l.image_ref(dir).map_err(|e| err(i + 1, e))?;
+            let image = l.image_ref(dir).map_err(|e| err(i + 1, e.to_string()))?;
             let id = [&l.id, &l.image_id, &l.question_id]
                 .into_iter()
                 .flatten()

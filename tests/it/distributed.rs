@@ -314,7 +314,11 @@ fn status_and_bad_requests() {
         .spawn()
         .unwrap();
     let mut watcher = Proc(watcher);
-    let stdout = watcher.0.stdout.take().unwrap();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(watcher.0.stdout.take().unwrap()).lines();
+    // The watcher's first report comes before the worker exists (it would race the worker's start-up
+    // otherwise, and the short waiting phase could pass unseen).
+    let first = lines.next().expect("a first status line").unwrap();
     let mut worker = Proc(
         Command::new(bin("worker"))
             .args([
@@ -331,8 +335,7 @@ fn status_and_bad_requests() {
     );
     let mut phases = std::collections::BTreeSet::new();
     let mut saw_step = false;
-    use std::io::BufRead;
-    for line in std::io::BufReader::new(stdout).lines() {
+    for line in std::iter::once(Ok(first)).chain(lines) {
         let v: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
         let phase = v["phase"].as_str().unwrap().to_string();
         saw_step |= phase == "training" && v["step"].as_u64().unwrap_or(0) > 0;
