@@ -25,21 +25,7 @@ pub(super) async fn handle(s: &mut Session, task: pb::Precompute) -> Result<(), 
     .await
     .map_err(|e| WorkerError::Setup(format!("precompute thread: {e}")))?;
     s.reference = model;
-    let (rows_written, rows_skipped, error) = match outcome {
-        Ok((w, k)) => (w, k, String::new()),
-        Err(e) => (0, 0, e.to_string()),
-    };
-    let req = pb::CompleteShardRequest {
-        worker_id: s.id.clone(),
-        shard_path: task.shard_path.clone(),
-        rows_written,
-        rows_skipped,
-        error,
-    };
-    if let Err(st) = s.client.complete_shard(req).await {
-        tracing::warn!("shard {} not accepted: {}", task.shard_path, st.message());
-    }
-    s.shared.set_state(pb::WorkerState::Idle);
+    s.complete_shard(&task.shard_path, outcome).await;
     Ok(())
 }
 

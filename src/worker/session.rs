@@ -33,6 +33,30 @@ pub(super) struct Session {
 }
 
 impl Session {
+    /// Reports a leased shard's outcome (rows written and skipped, or the error) with `CompleteShard`, and
+    /// becomes idle. A refusal (the lease expired) is logged: the coordinator has given the shard to another.
+    pub async fn complete_shard(
+        &mut self,
+        shard_path: &str,
+        outcome: Result<(u64, u64), impl std::fmt::Display>,
+    ) {
+        let (rows_written, rows_skipped, error) = match outcome {
+            Ok((w, k)) => (w, k, String::new()),
+            Err(e) => (0, 0, e.to_string()),
+        };
+        let req = pb::CompleteShardRequest {
+            worker_id: self.id.clone(),
+            shard_path: shard_path.to_owned(),
+            rows_written,
+            rows_skipped,
+            error,
+        };
+        if let Err(st) = self.client.complete_shard(req).await {
+            tracing::warn!("shard {shard_path} not accepted: {}", st.message());
+        }
+        self.shared.set_state(pb::WorkerState::Idle);
+    }
+
     /// Connects (retrying an unreachable coordinator), binds the ring listener and registers.
     pub async fn start(opts: WorkerOptions, shared: Arc<Shared>) -> Result<Self, WorkerError> {
         let mut client = connect(&opts.coordinator, opts.give_up_after).await?;

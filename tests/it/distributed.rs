@@ -403,6 +403,35 @@ fn worker(url: &str) -> Proc {
     )
 }
 
+/// Waits (up to 60 s, polling the status) for a worker in `state` and kills it with SIGKILL; `check` sees every
+/// status read meanwhile.
+fn kill_first_in_state(
+    url: &str,
+    workers: &mut [Proc],
+    state: pb::WorkerState,
+    check: &dyn Fn(&pb::JobStatus),
+) {
+    let t = Instant::now();
+    let victim = loop {
+        if let Some(s) = status(url) {
+            check(&s);
+            if let Some(w) = s.workers.iter().find(|w| w.state() == state) {
+                break w.pid;
+            }
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no worker was ever {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let idx = workers
+        .iter()
+        .position(|w| w.0.id() == victim)
+        .expect("the worker is one of ours");
+    kill9(&mut workers[idx]);
+}
+
 fn kill9(p: &mut Proc) {
     // SIGKILL: no chance to clean up, as a crashed node.
     unsafe {
@@ -421,28 +450,7 @@ fn precompute_survives_a_killed_worker() {
     let cfg = job.config("pre", 2, "");
     let (mut coord, url) = job.coordinator(&cfg, 0);
     let mut workers: Vec<Proc> = (0..3).map(|_| worker(&url)).collect();
-    let t = Instant::now();
-    let victim = loop {
-        if let Some(s) = status(&url) {
-            if let Some(w) = s
-                .workers
-                .iter()
-                .find(|w| w.state() == pb::WorkerState::Precomputing)
-            {
-                break w.pid;
-            }
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "no worker ever took a shard"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let idx = workers
-        .iter()
-        .position(|w| w.0.id() == victim)
-        .expect("the lessee is one of ours");
-    kill9(&mut workers[idx]);
+    kill_first_in_state(&url, &mut workers, pb::WorkerState::Precomputing, &|_| {});
     let status_code = coord.wait(
         Duration::from_secs(240),
         "the job after a killed precompute worker",
@@ -762,33 +770,19 @@ fn generation_survives_a_killed_worker() {
     let cfg = job.config("gen", 1, &gen);
     let (mut coord, url) = job.coordinator(&cfg, 0);
     let mut workers: Vec<Proc> = (0..3).map(|_| worker(&url)).collect();
-    let t = Instant::now();
-    let victim = loop {
-        if let Some(s) = status(&url) {
-            let phase = s.phase();
-            assert!(
-                matches!(phase, pb::Phase::Waiting | pb::Phase::Generating),
-                "{s:?}"
-            );
-            if let Some(w) = s
-                .workers
-                .iter()
-                .find(|w| w.state() == pb::WorkerState::Generating)
-            {
-                break w.pid;
-            }
-        }
+    let only_generating = |s: &pb::JobStatus| {
+        let phase = s.phase();
         assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "no worker ever took a shard"
+            matches!(phase, pb::Phase::Waiting | pb::Phase::Generating),
+            "{s:?}"
         );
-        std::thread::sleep(Duration::from_millis(20));
     };
-    let idx = workers
-        .iter()
-        .position(|w| w.0.id() == victim)
-        .expect("the lessee is one of ours");
-    kill9(&mut workers[idx]);
+    kill_first_in_state(
+        &url,
+        &mut workers,
+        pb::WorkerState::Generating,
+        &only_generating,
+    );
     let code = coord.wait(
         Duration::from_secs(240),
         "the generation job after a killed worker",
