@@ -1,5 +1,6 @@
 //! `coordinator --config job.toml [--listen ADDR] [--local-workers N]`: owns a job and serves it over gRPC.
-//! With `--local-workers N` it also starts N workers on this machine (the one-command path for one box).
+//! With `--local-workers N` it also starts N workers on this machine (the one-command path for one box) and
+//! restarts one that dies (`coordinator::local`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use ddpo::config::Config;
+use ddpo::coordinator::local::{LocalWorkerSpec, LocalWorkers};
 use ddpo::logging::{self, LogFormat};
 
 #[derive(Parser)]
@@ -76,31 +78,28 @@ fn run(cli: Cli) -> Result<bool> {
         if let Some(f) = &cli.address_file {
             std::fs::write(f, addr.to_string()).with_context(|| format!("writing {}", f.display()))?;
         }
-        let mut children = Vec::new();
-        if cli.local_workers > 0 {
-            let exe = std::env::current_exe()?;
-            let worker = exe.with_file_name("worker");
-            let url = format!("http://127.0.0.1:{}", addr.port());
+        let workers = (cli.local_workers > 0).then(|| {
             // Split the cores between the local workers (oversubscribed libtorch threads spin and slow
             // every rank down while they wait for each other).
             let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-            let threads = cores
-                .checked_div(cli.local_workers)
-                .unwrap_or(1)
-                .max(1)
-                .to_string();
-            for i in 0..cli.local_workers {
-                let device = if cli.local_device == "cuda" { format!("cuda:{i}") } else { cli.local_device.clone() };
-                let child = tokio::process::Command::new(&worker)
-                    .args(["--coordinator", &url, "--device", &device, "--ring-bind", "127.0.0.1:0"])
-                    .args(["--threads", &threads])
-                    .kill_on_drop(true)
-                    .spawn()
-                    .with_context(|| format!("starting {}", worker.display()))?;
-                children.push(child);
-            }
+            let devices = (0..cli.local_workers)
+                .map(|i| match cli.local_device.as_str() {
+                    "cuda" => format!("cuda:{i}"),
+                    d => d.to_string(),
+                })
+                .collect();
+            let spec = LocalWorkerSpec {
+                exe: std::env::current_exe()
+                    .map(|e| e.with_file_name("worker"))
+                    .unwrap_or_else(|_| "worker".into()),
+                coordinator_url: format!("http://127.0.0.1:{}", addr.port()),
+                devices,
+                threads: (cores / cli.local_workers).max(1),
+                backoff: std::time::Duration::from_secs(1),
+            };
             tracing::info!(workers = cli.local_workers, "local workers started");
-        }
+            LocalWorkers::start(&spec)
+        });
         let shutdown = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .expect("signal handler");
@@ -111,8 +110,8 @@ fn run(cli: Cli) -> Result<bool> {
         };
         let linger = std::time::Duration::from_secs(cli.linger_secs);
         let ok = ddpo::coordinator::serve(cfg, config_toml, listener, shutdown, linger).await?;
-        for mut c in children {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), c.wait()).await;
+        if let Some(w) = workers {
+            w.stop(std::time::Duration::from_secs(3)).await;
         }
         Ok(ok)
     })

@@ -12,6 +12,7 @@
 //! - Requests from unknown workers, from workers of an older generation, or for a finished job are refused
 //!   with a gRPC status that says why; they never change the job.
 
+pub mod local;
 mod service;
 pub mod state;
 pub mod types;

@@ -829,3 +829,63 @@ fn generation_survives_a_killed_worker() {
         .collect();
     assert_eq!(left.len(), 2, "{left:?}");
 }
+
+/// The pid of the first worker the status shows in `state` (waiting up to 60 s).
+fn pid_in_state(url: &str, state: pb::WorkerState) -> u32 {
+    let t = Instant::now();
+    loop {
+        if let Some(w) =
+            status(url).and_then(|s| s.workers.into_iter().find(|w| w.state() == state))
+        {
+            return w.pid;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no worker was ever {state:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `coordinator --local-workers 2`: a local worker killed with SIGKILL mid-training is started again and the
+/// job finishes with no manual step; then, on a second job, SIGTERM to the coordinator ends it and its
+/// workers within 5 s.
+#[test]
+fn local_workers_are_restarted_and_sigterm_ends_the_coordinator_quickly() {
+    let _serial = serial();
+    let job = Job::new(96);
+    let cfg = job.config("local", 2, "");
+    let (mut coord, url) = job.coordinator(&cfg, 2);
+    let victim = pid_in_state(&url, pb::WorkerState::Training);
+    unsafe {
+        libc::kill(victim as i32, libc::SIGKILL);
+    }
+    let code = coord.wait(
+        Duration::from_secs(240),
+        "the job after a killed local worker",
+    );
+    assert!(code.success(), "coordinator: {code}");
+
+    // A long job, stopped by SIGTERM while it trains.
+    let long = job.config("local-term", 2, "");
+    std::fs::write(&long, long_run(&long, 4)).unwrap();
+    let (mut coord, url) = job.coordinator(&long, 2);
+    pid_in_state(&url, pb::WorkerState::Training);
+    let pids: Vec<u32> = status(&url)
+        .unwrap()
+        .workers
+        .iter()
+        .map(|w| w.pid)
+        .collect();
+    let t = Instant::now();
+    unsafe {
+        libc::kill(coord.0.id() as i32, libc::SIGTERM);
+    }
+    coord.wait(Duration::from_secs(5), "the coordinator after SIGTERM");
+    eprintln!("coordinator exited {:?} after SIGTERM", t.elapsed());
+    // Its workers are gone too (reaped by the coordinator: signal 0 finds no such process).
+    for pid in pids {
+        let alive = unsafe { libc::kill(pid as i32, 0) } == 0;
+        assert!(!alive, "local worker {pid} outlived its coordinator");
+    }
+}
