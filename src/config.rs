@@ -142,7 +142,7 @@ pub const LORA_TARGETS: &[&str] = &[
     "down_proj",
 ];
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
     /// bf16 on CUDA, fp32 on CPU.
@@ -1087,6 +1087,29 @@ train = ["d/*.parquet"]
         assert!(e.contains("\"qproj\" is not one of q_proj"), "{e}");
         let c = parse_env(MINIMAL, &[("DDPO__LORA__TARGET_MODULES", "v_proj,o_proj")]).unwrap();
         assert_eq!(c.lora.target_modules, ["v_proj", "o_proj"]);
+    }
+
+    #[test]
+    fn a_generation_job_needs_no_training_data_and_its_settings_are_checked() {
+        let gen = "[model]\npath = \"m\"\n[data]\n[generate]\nprompts = [\"p/*.parquet\"]\n";
+        let c = parse(gen).unwrap();
+        assert!(c.is_generation_job() && c.data.train.is_empty());
+        let e = parse(&format!(
+            "{gen}samples = 0\ntop_p = 1.5\ntemperature = -1\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        for key in [
+            "generate.samples = 0",
+            "generate.top_p = 1.5",
+            "generate.temperature = -1",
+        ] {
+            assert!(e.contains(key), "{key}: {e}");
+        }
+        let e = parse("[model]\npath = \"m\"\n[data]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.train is empty"), "{e}");
     }
 
     #[test]

@@ -119,6 +119,28 @@ impl Packed {
 }
 
 /// Collates `examples` (all with the same image size `(h, w)`) padding with `pad_id`; with `shared_prefix`
+/// Prompts for generation: each prompt's ids (image token expanded) as i64, and their images stacked
+/// `[B, 3, H, W]` on the CPU.
+pub fn prompt_batch<'a>(
+    prompts: impl IntoIterator<Item = (&'a [u32], &'a [f32])>,
+    (h, w): (usize, usize),
+) -> (Vec<Vec<i64>>, Tensor) {
+    let (ids, pixels): (Vec<Vec<i64>>, Vec<Tensor>) = prompts
+        .into_iter()
+        .map(|(ids, px)| {
+            (
+                ids.iter().map(|&t| i64::from(t)).collect(),
+                Tensor::from_slice(px),
+            )
+        })
+        .unzip();
+    let b = ids.len() as i64;
+    (
+        ids,
+        Tensor::stack(&pixels, 0).view([b, 3, h as i64, w as i64]),
+    )
+}
+
 /// the batch also carries the [`Packed`] layout the forward pass then runs.
 pub fn collate(
     examples: &[Example],

@@ -216,6 +216,22 @@ impl TextEncoder {
         Ok(ids)
     }
 
+    /// A generated answer's text: its ids without EOS, decoded with special tokens skipped.
+    pub fn decode_answer(&self, ids: &[i64]) -> Result<String, TextError> {
+        let eos = i64::from(self.eos_id);
+        let ids: Vec<u32> = ids
+            .iter()
+            .filter(|&&t| t != eos)
+            .map(|&t| t as u32)
+            .collect();
+        self.tokenizer
+            .decode(&ids, true)
+            .map_err(|e| TextError::Tokenize {
+                what: "an answer (decoding)",
+                reason: e.to_string(),
+            })
+    }
+
     /// Response tokens that fit after a prompt of `prompt_len` tokens; an error if none do.
     pub fn response_room(&self, prompt_len: usize) -> Result<usize, TextError> {
         if prompt_len >= self.max_length {

@@ -89,7 +89,7 @@ fn reward_accuracy(
     use crate::data::pipeline::{ExampleStream, Preprocessor};
     let device = crate::config::parse_device(&decode.device)
         .map_err(|e| generate::GenerateError::Usage(e.to_string()))?;
-    let kind = crate::config::Dtype::Auto.weight_kind(device);
+    let kind = decode.dtype.weight_kind(device);
     let cfg = crate::config::DdpoConfig::default();
     let pre = Preprocessor::from_model_dir(model, &decode.template, 4096, false, cfg.min_match)?;
     let load = |dir: &std::path::Path| crate::model::llava::Llava::load(dir, device, kind);

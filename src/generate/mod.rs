@@ -12,8 +12,6 @@ mod prompts;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use tch::Tensor;
-
 use crate::config::{parse_device, Dtype};
 use crate::data::pipeline::Preprocessor;
 use crate::model::generate::{GenerateOptions, Sampling};
@@ -93,8 +91,8 @@ pub struct DecodeArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// `auto` (bf16 on CUDA, fp32 on CPU), `fp32` or `bf16`.
-    #[arg(long, default_value = "auto")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = Dtype::Auto)]
+    pub dtype: Dtype,
     /// Chat template: llava_v1 or llava_hf.
     #[arg(long, default_value = "llava_v1")]
     pub template: String,
@@ -133,24 +131,13 @@ impl GenerateArgs {
             first_index: 0,
         })
     }
-
-    fn dtype(&self) -> Result<Dtype, GenerateError> {
-        match self.decode.dtype.as_str() {
-            "auto" => Ok(Dtype::Auto),
-            "fp32" => Ok(Dtype::Fp32),
-            "bf16" => Ok(Dtype::Bf16),
-            d => Err(GenerateError::Usage(format!(
-                "--dtype {d:?}: expected auto, fp32 or bf16"
-            ))),
-        }
-    }
 }
 
 /// Runs `ddpo generate`: loads the model, answers every prompt, writes `args.out`.
 pub fn run_generate_command(args: &GenerateArgs) -> Result<GenerateReport, GenerateError> {
     let device =
         parse_device(&args.decode.device).map_err(|e| GenerateError::Usage(e.to_string()))?;
-    let kind = args.dtype()?.weight_kind(device);
+    let kind = args.decode.dtype.weight_kind(device);
     let pre = Preprocessor::from_model_dir(
         &args.model,
         &args.decode.template,
@@ -188,7 +175,8 @@ pub fn generate_shard(
     if out.exists() {
         return Ok(GenerateReport::default());
     }
-    remove_partial_answers(&out);
+    // The shard is leased to one worker at a time: temporary files of its answers belong to a lessee that died.
+    crate::util::fsx::remove_temp_siblings(&out);
     let pre = Preprocessor::from_model_dir(
         &cfg.model.path,
         &cfg.data.template,
@@ -216,21 +204,6 @@ pub fn generate_shard(
         device,
     };
     run.write(&PromptSource::Shards(vec![shard.to_owned()]), &out)
-}
-
-/// Removes what a worker killed while writing `out` left behind (its temporary siblings): the shard is leased
-/// to one worker at a time, so they belong to an earlier lessee that died.
-fn remove_partial_answers(out: &std::path::Path) {
-    let (Some(dir), Some(name)) = (out.parent(), out.file_name()) else {
-        return;
-    };
-    let prefix = format!(".{}.tmp-", name.to_string_lossy());
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.file_name().to_string_lossy().starts_with(&prefix) {
-            tracing::info!(file = %entry.path().display(), "removing a dead worker's partial answers");
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
 }
 
 fn dir_name(p: &std::path::Path) -> String {
@@ -282,7 +255,7 @@ impl Decoding<'_> {
                 for (k, ids) in samples.into_iter().enumerate() {
                     report.answers += 1;
                     report.new_tokens += ids.len() as u64;
-                    writer.push(p, k, &ids, self.pre, self.opts.eos_id)?;
+                    writer.push(p, k, &ids, self.pre)?;
                 }
             }
             if last_log.elapsed().as_secs_f64() >= 10.0 {
@@ -304,18 +277,11 @@ fn answer(
     opts: &GenerateOptions,
     device: tch::Device,
 ) -> Vec<Vec<Vec<i64>>> {
-    let (h, w) = pre.image_hw();
-    let pixels: Vec<Tensor> = batch
+    let prompts = batch
         .iter()
-        .map(|p| Tensor::from_slice(&p.pixel_values))
-        .collect();
-    let pixels = Tensor::stack(&pixels, 0)
-        .view([batch.len() as i64, 3, h as i64, w as i64])
-        .to_device(device);
-    let ids: Vec<Vec<i64>> = batch
-        .iter()
-        .map(|p| p.prompt_ids.iter().map(|&i| i64::from(i)).collect())
-        .collect();
+        .map(|p| (p.prompt_ids.as_slice(), p.pixel_values.as_slice()));
+    let (ids, pixels) = crate::data::collate::prompt_batch(prompts, pre.image_hw());
+    let pixels = pixels.to_device(device);
     model.generate(&ids, &pixels, opts)
 }
 
@@ -344,5 +310,58 @@ impl std::fmt::Display for GenerateReport {
             self.skipped,
             self.seconds
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: GenerateArgs,
+    }
+
+    fn args(extra: &[&str]) -> Result<GenerateArgs, clap::Error> {
+        let base = [
+            "ddpo",
+            "--model",
+            "m",
+            "--data",
+            "d.parquet",
+            "--out",
+            "o.parquet",
+        ];
+        Cli::try_parse_from(base.iter().chain(extra)).map(|c| c.args)
+    }
+
+    #[test]
+    fn bad_flags_are_refused_naming_the_flag() {
+        let usage = |extra: &[&str]| args(extra).unwrap().options(2, 0).unwrap_err().to_string();
+        assert!(usage(&["--samples", "0"]).contains("--samples"));
+        assert!(usage(&["--top-p", "0"]).contains("--top-p 0"));
+        assert!(usage(&["--temperature=-1"]).contains("--temperature -1"));
+        assert!(args(&["--dtype", "fp16"])
+            .unwrap_err()
+            .to_string()
+            .contains("fp16"));
+        let ok = args(&["--temperature", "0.7", "--top-k", "5"])
+            .unwrap()
+            .options(2, 0)
+            .unwrap();
+        assert_eq!(
+            ok.sampling,
+            Sampling::Sample {
+                temperature: 0.7,
+                top_k: 5,
+                top_p: 1.0
+            }
+        );
+        assert_eq!(
+            args(&[]).unwrap().options(2, 0).unwrap().sampling,
+            Sampling::Greedy
+        );
     }
 }

@@ -110,18 +110,11 @@ impl Writer {
         k: usize,
         ids: &[i64],
         pre: &Preprocessor,
-        eos_id: i64,
     ) -> Result<(), GenerateError> {
-        let finished = ids.last() == Some(&eos_id);
-        let text_ids: Vec<u32> = ids
-            .iter()
-            .filter(|&&t| t != eos_id)
-            .map(|&t| t as u32)
-            .collect();
+        let finished = ids.last() == Some(&i64::from(pre.text.eos_id()));
         let response = pre
             .text
-            .tokenizer()
-            .decode(&text_ids, true)
+            .decode_answer(ids)
             .map_err(|e| out_err(&self.path, e))?;
         if k == 0 {
             self.prompts += 1;

@@ -253,24 +253,20 @@ impl Layer {
         }
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Tensor {
-        let a = self
-            .attn
-            .forward(&self.input_norm.forward(x), cos, sin, mask);
-        self.mlp(x + a)
-    }
-
-    fn forward_cached(
+    /// One layer; with `cache`, the new tokens' keys and values are appended to it and attention sees all.
+    fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         mask: &Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Tensor {
-        let a = self
-            .attn
-            .forward_cached(&self.input_norm.forward(x), cos, sin, mask, cache);
+        let h = self.input_norm.forward(x);
+        let a = match cache {
+            Some(c) => self.attn.forward_cached(&h, cos, sin, mask, c),
+            None => self.attn.forward(&h, cos, sin, mask),
+        };
         self.mlp(x + a)
     }
 
@@ -410,7 +406,7 @@ impl Llama {
         }
         let mut x = embeds.shallow_clone();
         for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward_cached(&x, &cos, &sin, mask, c);
+            x = layer.forward(&x, &cos, &sin, mask, Some(c));
         }
         self.norm.forward(&x)
     }
@@ -440,7 +436,7 @@ impl Llama {
         // A padded query row sees the prompt; its output is never used.
         let mut x = embeds.shallow_clone();
         for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &mask);
+            x = layer.forward(&x, &cos, &sin, &mask, None);
         }
         self.norm.forward(&x)
     }
@@ -459,7 +455,7 @@ impl Llama {
         let mask = mask.logical_or(&eye);
         let mut x = embeds.shallow_clone();
         for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &mask);
+            x = layer.forward(&x, &cos, &sin, &mask, None);
         }
         self.norm.forward(&x)
     }
@@ -473,18 +469,6 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// Tokens cached (0 when empty).
-    pub fn len(&self) -> i64 {
-        match self.layers.first() {
-            Some(Some((k, _))) => k.size()[2],
-            _ => 0,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Keeps (and repeats) the rows `rows` `[N]` of the batch: K samples of one prompt share its prefill.
     pub fn select_rows(&mut self, rows: &Tensor) {
         for (k, v) in self.layers.iter_mut().flatten() {

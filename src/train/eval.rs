@@ -79,39 +79,28 @@ impl Run<'_> {
     /// Greedy answers (text) of examples' prompts.
     fn answer(&self, exs: &[Example]) -> Vec<String> {
         let pre = self.eval.as_ref().expect("eval split").preprocessor();
-        let (h, w) = pre.image_hw();
-        let pixels: Vec<tch::Tensor> = exs
+        let prompts = exs
             .iter()
-            .map(|e| tch::Tensor::from_slice(&e.pixel_values))
-            .collect();
-        let pixels = tch::Tensor::stack(&pixels, 0)
-            .view([exs.len() as i64, 3, h as i64, w as i64])
-            .to_device(self.device);
-        let ids: Vec<Vec<i64>> = exs
-            .iter()
-            .map(|e| e.prompt_ids.iter().map(|&t| i64::from(t)).collect())
-            .collect();
-        let eos = i64::from(pre.text.eos_id());
+            .map(|e| (e.prompt_ids.as_slice(), e.pixel_values.as_slice()));
+        let (ids, pixels) = crate::data::collate::prompt_batch(prompts, pre.image_hw());
+        let pixels = pixels.to_device(self.device);
         let opts = GenerateOptions {
             max_new_tokens: self.cfg.train.eval_generate_max_new_tokens,
             sampling: Sampling::Greedy,
             samples: 1,
             seed: 0,
-            eos_id: eos,
+            eos_id: i64::from(pre.text.eos_id()),
             pad_id: i64::from(pre.pad_id()),
             first_index: 0,
         };
         self.model
             .generate(&ids, &pixels, &opts)
             .into_iter()
+            // An answer that cannot be decoded scores as saying nothing.
             .map(|mut samples| {
-                let ids: Vec<u32> = samples
-                    .remove(0)
-                    .into_iter()
-                    .filter(|&t| t != eos)
-                    .map(|t| t as u32)
-                    .collect();
-                pre.text.tokenizer().decode(&ids, true).unwrap_or_default()
+                pre.text
+                    .decode_answer(&samples.remove(0))
+                    .unwrap_or_default()
             })
             .collect()
     }

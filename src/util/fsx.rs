@@ -26,6 +26,21 @@ pub fn is_temp_name(name: &str) -> bool {
     name.starts_with('.') && name.contains(".tmp-")
 }
 
+/// Removes the [`temp_sibling`]s of `path` (files a process killed while writing it left behind); call it only
+/// where no live process can be writing `path`.
+pub fn remove_temp_siblings(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.tmp-", name.to_string_lossy());
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            tracing::info!(file = %entry.path().display(), "removing a partial file left by a dead process");
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Writes `bytes` to `path` atomically: a reader sees the old file or the whole new one, never a part.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = temp_sibling(path);
@@ -81,6 +96,20 @@ pub fn sync_tree(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temp_siblings_of_one_file_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("a.parquet");
+        let (t1, t2) = (temp_sibling(&out), dir.path().join(".a.parquet.tmp-1-2"));
+        let other = temp_sibling(&dir.path().join("b.parquet"));
+        for p in [&t1, &t2, &other, &out] {
+            fs::write(p, b"x").unwrap();
+        }
+        remove_temp_siblings(&out);
+        assert!(!t1.exists() && !t2.exists());
+        assert!(other.exists() && out.exists());
+    }
 
     #[test]
     fn write_atomic_replaces_whole_files_and_leaves_no_temporaries() {

@@ -811,7 +811,7 @@ fn generation_survives_a_killed_worker() {
                 max_new_tokens: 24,
                 batch_size: 4,
                 device: "cpu".into(),
-                dtype: "fp32".into(),
+                dtype: ddpo::config::Dtype::Fp32,
                 template: many.data.template.clone(),
             },
         };

@@ -188,7 +188,7 @@ fn sft_then_ddpo_lowers_colour_hallucination_on_held_out_scenes() {
                 max_new_tokens: 48,
                 batch_size: 8,
                 device: "cpu".into(),
-                dtype: "fp32".into(),
+                dtype: ddpo::config::Dtype::Fp32,
                 template: "llava_v1".into(),
             },
         };

@@ -352,19 +352,21 @@ fn generate_command_answers_every_good_row_and_names_bad_ones() {
 fn prompts_of_rows(model: &Path, rows: &[ddpo::generate::AnswerRow]) -> Prompts {
     let pre = ddpo::data::pipeline::Preprocessor::from_model_dir(model, "llava_v1", 4096, false, 1)
         .unwrap();
-    let (h, w) = pre.image_hw();
-    let mut ids = Vec::new();
-    let mut pixels = Vec::new();
-    for r in rows.iter().step_by(2) {
-        let p = pre.text.encode_prompt(&r.question).unwrap();
-        ids.push(p.into_iter().map(i64::from).collect());
-        pixels.push(Tensor::from_slice(
-            &pre.image.process_bytes(&r.image).unwrap(),
-        ));
-    }
+    let rows: Vec<_> = rows
+        .iter()
+        .step_by(2)
+        .map(|r| {
+            let ids = pre.text.encode_prompt(&r.question).unwrap();
+            (ids, pre.image.process_bytes(&r.image).unwrap())
+        })
+        .collect();
+    let (ids, pixels) = ddpo::data::collate::prompt_batch(
+        rows.iter().map(|(i, p)| (i.as_slice(), p.as_slice())),
+        pre.image_hw(),
+    );
     Prompts {
         ids,
-        pixels: Tensor::stack(&pixels, 0).view([-1, 3, h as i64, w as i64]),
+        pixels,
         eos: i64::from(pre.text.eos_id()),
         pad: i64::from(pre.pad_id()),
     }

@@ -720,3 +720,35 @@ fn sft_first_step_loss_is_the_chosen_nll_of_transformers() {
         "SFT must not compute a reference cache"
     );
 }
+
+/// `train.eval_generate` is refused at set-up, naming why: without an eval split, and on eval data that
+/// carries no scenes (the fixture's shards are plain RLHF-V data).
+#[test]
+fn eval_generate_without_scenes_is_refused_at_setup() {
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ddpo_loss");
+    let dir = tempfile::tempdir().unwrap();
+    for (name, eval) in [
+        ("no-eval", String::new()),
+        (
+            "no-scenes",
+            format!("eval = [\"{}/data/*.parquet\"]\n", fx.display()),
+        ),
+    ] {
+        let text = format!(
+            "[model]\npath = \"{f}/policy\"\n[data]\ntrain = [\"{f}/data/*.parquet\"]\n{eval}max_length = 256\n\
+             [ddpo]\nloss = \"sft\"\n[train]\nbatch_size = 6\nmicro_batch_size = 3\neval_generate = 4\noutput_dir = \"{o}\"\n",
+            f = fx.display(),
+            o = dir.path().join(name).display()
+        );
+        let p = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&p, text).unwrap();
+        let cfg = Config::load_with_env(&p, &[]).unwrap();
+        let e = train(&cfg, &cpu(None)).unwrap_err().to_string();
+        let want = if eval.is_empty() {
+            "needs an eval split"
+        } else {
+            "scene"
+        };
+        assert!(e.contains(want), "{name}: {e}");
+    }
+}
